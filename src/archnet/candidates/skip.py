@@ -1,0 +1,38 @@
+"""Skip candidates: (nearly) remove the block.
+
+Deep teachers often have blocks a student can drop. Identity when the block keeps its
+shape; otherwise the cheapest shape fix: a stride-s 1x1 conv + BN (``skip``), or an s x s
+average pool followed, if channels change, by a 1x1 conv + BN (``skip_pool``, which sees
+every input pixel rather than one in s^2).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from archnet.blocks import BlockSpec
+
+from ._layers import ConvBnAct, conv_stride
+from ._registry import register_candidate
+
+
+@register_candidate("skip", "skip", {"skip"})
+def _skip(spec: BlockSpec) -> nn.Module | None:
+    stride = conv_stride(spec)
+    if not stride:
+        return None
+    if spec.same_shape:
+        return nn.Identity()
+    return ConvBnAct(spec.in_ch, spec.out_ch, 1, stride, act=None)
+
+
+@register_candidate("skip_pool", "skip", {"skip", "pool"})
+def _skip_pool(spec: BlockSpec) -> nn.Module | None:
+    """Only for down-sampling blocks; at stride 1 it would duplicate ``skip``."""
+    stride = conv_stride(spec)
+    if stride < 2:
+        return None
+    pool = nn.AvgPool2d(stride, stride)
+    if spec.in_ch == spec.out_ch:
+        return pool
+    return nn.Sequential(pool, ConvBnAct(spec.in_ch, spec.out_ch, 1, act=None))

@@ -1,0 +1,111 @@
+"""Per-candidate costs for the search: latency on the target, parameters and MACs.
+
+Latencies are additive by construction: every measurement has the backend's per-call floor
+(the time of an empty graph at that input shape) subtracted, and the parts outside the blocks
+(stem, head, glue) are timed as the teacher with every block replaced by a near-free stub. The
+predicted network latency is then outside + sum(chosen blocks), which the export stage checks
+against the measured whole network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from archnet.blocks import BlockSpec
+from archnet.candidates import build_pool
+from archnet.flops import count_macs, count_params
+from archnet.targets import LatencyCache, measure_cached
+from archnet.targets.latency import LatencyBackend
+
+
+class BlockStub(nn.Module):
+    """Stands in for a block when timing the rest of the network.
+
+    Its output depends on its input through one element, so no compiler can prune the stem
+    that feeds it, while its own cost (one slice, one broadcast add) is negligible.
+    """
+
+    def __init__(self, out_shape: tuple[int, ...]):
+        super().__init__()
+        self.register_buffer("const", torch.zeros(1, *out_shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probe = x.flatten(1)[:, :1].reshape(-1, *([1] * (self.const.dim() - 1)))
+        return self.const + probe * 0.0
+
+
+def outside_network(teacher: nn.Module, specs: list[BlockSpec]) -> nn.Module:
+    """The teacher with every block stubbed out: what the network costs besides its blocks."""
+    import copy
+
+    shell = copy.deepcopy(teacher)
+    for s in specs:
+        shell.set_submodule(s.name, BlockStub(s.out_shape))
+    return shell.eval()
+
+
+def block_latency_table(
+    backend: LatencyBackend,
+    cache: LatencyCache,
+    teacher: nn.Module,
+    specs: list[BlockSpec],
+    pools: dict[str, Any],
+    input_shape: tuple[int, ...],
+    cfg: Any,
+    on_done: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """Measure every pooled candidate (cached), the outside parts and the whole teacher."""
+    kw = {"warmup": cfg.warmup, "repeats": cfg.repeats}
+    batch = input_shape[0]
+    overheads: dict[tuple[int, ...], float] = {}
+
+    def floor(shape: tuple[int, ...]) -> float:
+        if shape not in overheads:
+            overheads[shape] = backend.overhead_ms(shape)
+        return overheads[shape]
+
+    hits = 0
+    blocks: dict[str, dict[str, float]] = {}
+    for spec in specs:
+        shape = (batch, *spec.in_shape)
+        pool = build_pool(spec, teacher.get_submodule(spec.name), pools[spec.name]["candidates"])
+        blocks[spec.name] = {}
+        for name, module in pool.items():
+            if name not in pools[spec.name]["candidates"]:
+                continue  # rejected by the target
+            ms, hit = measure_cached(backend, cache, module, shape, **kw)
+            hits += hit
+            blocks[spec.name][name] = max(ms - floor(shape), 0.0)
+            on_done()
+    shell = outside_network(teacher, specs)
+    outside_ms, hit = measure_cached(backend, cache, shell, input_shape, **kw)
+    hits += hit
+    on_done()
+    teacher_ms = backend.measure(teacher, input_shape, **kw)
+    on_done()
+    predicted = outside_ms + sum(blocks[s.name]["teacher"] for s in specs if "teacher" in blocks[s.name])
+    block_params = sum(count_params(teacher.get_submodule(s.name)) for s in specs)
+    block_macs = sum(count_macs(teacher.get_submodule(s.name), s.in_shape) for s in specs)
+    teacher_macs = count_macs(teacher, input_shape[1:])
+    return {
+        "backend": backend.name,
+        "device": backend.device,
+        "threads": backend.threads,
+        "batch_size": batch,
+        "input_shape": list(input_shape),
+        "blocks": blocks,
+        "outside_ms": outside_ms,
+        "overhead_ms": {"x".join(map(str, k)): v for k, v in overheads.items()},
+        "teacher_ms": teacher_ms,
+        "teacher_predicted_ms": predicted,
+        "teacher_params": count_params(teacher),
+        "teacher_macs": teacher_macs,
+        "outside_params": count_params(teacher) - block_params,
+        "outside_macs": teacher_macs - block_macs,
+        "cache_hits": hits,
+    }
+

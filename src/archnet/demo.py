@@ -1,0 +1,45 @@
+"""``archnet demo``: train the small teacher on digits, convert it at half its latency."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from archnet.config import ConvertConfig
+from archnet.pipeline import console, create_run, finish
+
+
+def demo_config(fast: bool = False) -> ConvertConfig:
+    """Settings sized so the whole demo fits in a few minutes on two CPU cores."""
+    cfg = ConvertConfig(model="zoo:tiny_effnet", data="digits", target="cpu-ort", budget="0.5")
+    cfg.blockwise.epochs = 1 if fast else 4
+    cfg.finetune.epochs = 1 if fast else 10
+    cfg.latency.repeats = 20 if fast else 50
+    return cfg
+
+
+def run_demo(out: Path, fast: bool = False, seed: int = 0) -> tuple[dict[str, Any], Path]:
+    """Train (or reuse) the teacher, then convert it; returns (report, run directory)."""
+    from archnet.zoo import demo_teacher, evaluate
+
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_file = out / "teacher_trained.pt"
+    data_file = out / "digits_split.pt"
+    if teacher_file.exists() and data_file.exists():
+        teacher = torch.load(teacher_file, map_location="cpu", weights_only=False)
+        train, heldout = torch.load(data_file, weights_only=False)
+        console.print(f"[bold]teacher[/] reusing {teacher_file}")
+    else:
+        console.print("[bold]teacher[/] training tiny_effnet on digits (labels used only here)")
+        teacher, train, heldout = demo_teacher(seed=seed, epochs=2 if fast else None,
+                                               progress=True)
+        torch.save(teacher, teacher_file)
+        torch.save((train, heldout), data_file)
+    console.print(f"  teacher held-out top-1 {evaluate(teacher, heldout):.2f}%")
+    unlabeled = train.images  # the conversion never sees a label
+    run = create_run(teacher, unlabeled, demo_config(fast), out / "run", eval_data=heldout,
+                     resume=True)
+    result = finish(run)
+    return result.report, result.run_dir

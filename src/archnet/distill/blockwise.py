@@ -1,0 +1,180 @@
+"""Blockwise feature-map distillation of candidate operations (HANT/LANA).
+
+Every candidate is an independent job: it reads the cached teacher input of its block,
+regresses the cached teacher output (normalized MSE), and writes one checkpoint file. Jobs
+are deterministic per seed and a finished checkpoint is never trained again, so a killed run
+resumes where it stopped. Jobs run in-process or over a pool of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from archnet.blocks import BlockSpec, FeatureCache
+from archnet.candidates import build_candidate
+from archnet.distill.losses import nmse
+
+
+@dataclass
+class BlockwiseConfig:
+    """How long and how hard each candidate is trained against its block's teacher features."""
+
+    epochs: int = 4
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    max_samples: int | None = None  # cap on training features per candidate (None: all)
+    workers: int = 1  # processes; 1 trains in this process
+
+
+@dataclass
+class CandidateJob:
+    block_index: int
+    spec: BlockSpec
+    name: str
+    path: Path
+
+    def seed(self, base: int) -> int:
+        """A seed per (run seed, block, candidate): reordering jobs never changes a result."""
+        digest = hashlib.sha1(f"{base}:{self.spec.name}:{self.name}".encode()).hexdigest()
+        return int(digest[:8], 16)
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator | None) -> Iterator[np.ndarray]:
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    for lo in range(0, n, batch_size):
+        yield np.sort(order[lo : lo + batch_size])
+
+
+def _tensor(arr: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(arr[idx], dtype=np.float32))
+
+
+@torch.no_grad()
+def evaluate_nmse(module: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
+    """Held-out normalized MSE of a block, sample-weighted over batches."""
+    module.eval()
+    total, n = 0.0, len(x)
+    for idx in _batches(n, batch_size, None):
+        total += nmse(module(_tensor(x, idx)), _tensor(y, idx)).item() * len(idx)
+    return total / max(n, 1)
+
+
+def train_block(
+    module: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: BlockwiseConfig,
+    seed: int,
+    on_step: Callable[[], None] | None = None,
+) -> list[float]:
+    """Regress ``y`` from ``x`` with Adam + cosine decay; returns the per-epoch training loss."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    n = len(x) if cfg.max_samples is None else min(len(x), cfg.max_samples)
+    params = [p for p in module.parameters() if p.requires_grad]
+    history: list[float] = []
+    if not params or cfg.epochs == 0:
+        return history
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * math.ceil(n / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps, pct_start=0.15)
+    module.train()
+    for _ in range(cfg.epochs):
+        total = 0.0
+        for idx in _batches(n, cfg.batch_size, rng):
+            loss = nmse(module(_tensor(x, idx)), _tensor(y, idx))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+            if on_step:
+                on_step()
+        history.append(total / n)
+    module.eval()
+    return history
+
+
+def steps_per_job(n: int, cfg: BlockwiseConfig) -> int:
+    n = n if cfg.max_samples is None else min(n, cfg.max_samples)
+    return cfg.epochs * math.ceil(n / cfg.batch_size)
+
+
+def run_job(
+    job: CandidateJob,
+    teacher_block: nn.Module,
+    cache_root: str,
+    cfg: BlockwiseConfig,
+    base_seed: int,
+    on_step: Callable[[], None] | None = None,
+) -> dict:
+    """Build, train and checkpoint one candidate; returns its metrics."""
+    torch.manual_seed(job.seed(base_seed))
+    module = build_candidate(job.name, job.spec, teacher_block)
+    cache = FeatureCache(cache_root)
+    x, y = cache.block("train", job.block_index)
+    trained = job.name != "teacher"  # the teacher's own block is the reference: nothing to learn
+    history = train_block(module, x, y, cfg, job.seed(base_seed), on_step) if trained else []
+    xv, yv = cache.block("heldout", job.block_index)
+    metrics = {
+        "block": job.spec.name,
+        "candidate": job.name,
+        "train_loss": history,
+        "val_nmse": evaluate_nmse(module, xv, yv),
+        "config": asdict(cfg),
+    }
+    job.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = job.path.with_suffix(".tmp")
+    torch.save({"state_dict": module.state_dict(), "metrics": metrics}, tmp)
+    tmp.replace(job.path)  # atomic: a killed job leaves no half-written checkpoint
+    return metrics
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _run_job_worker(args: tuple) -> dict:
+    return run_job(*args)
+
+
+def run_jobs(
+    jobs: list[CandidateJob],
+    teacher_blocks: dict[str, nn.Module],
+    cache_root: str | Path,
+    cfg: BlockwiseConfig,
+    base_seed: int,
+    on_job_done: Callable[[CandidateJob, dict], None],
+    on_step: Callable[[], None] | None = None,
+) -> None:
+    """Run the jobs whose checkpoint does not exist yet, in-process or over ``cfg.workers``."""
+    todo = [j for j in jobs if not j.path.exists()]
+    if cfg.workers <= 1:
+        for job in todo:
+            on_job_done(job, run_job(job, teacher_blocks[job.spec.name], str(cache_root), cfg,
+                                     base_seed, on_step))
+        return
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(cfg.workers, mp.get_context("spawn"), _worker_init) as pool:
+        args = [(j, teacher_blocks[j.spec.name], str(cache_root), cfg, base_seed) for j in todo]
+        for job, metrics in zip(todo, pool.map(_run_job_worker, args)):
+            on_job_done(job, metrics)
+
+
+def load_candidate(job: CandidateJob, teacher_block: nn.Module) -> tuple[nn.Module, dict]:
+    """Rebuild a trained candidate from its checkpoint."""
+    ckpt = torch.load(job.path, map_location="cpu", weights_only=False)
+    module = build_candidate(job.name, job.spec, teacher_block)
+    module.load_state_dict(ckpt["state_dict"])
+    return module.eval(), ckpt["metrics"]

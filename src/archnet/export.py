@@ -1,0 +1,51 @@
+"""Export teacher and student to ONNX, verify them, and time both in the same run."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from archnet.errors import ArchnetError
+from archnet.onnx_utils import ExportMismatchError, check_against_torch, export_onnx
+from archnet.targets.opset import check_model
+
+if TYPE_CHECKING:
+    from archnet.pipeline import Run
+
+
+def export_and_measure(run: Run, teacher: nn.Module, student: nn.Module) -> dict[str, Any]:
+    """Write teacher.onnx and student.onnx, check them, and measure both interleaved."""
+    shape = (run.batch_size, *run.config.input_size)
+    x = run.images("heldout")[: shape[0]]
+    if len(x) < shape[0]:
+        x = x.repeat(-(-shape[0] // len(x)), *([1] * (x.dim() - 1)))[: shape[0]]
+    out: dict[str, Any] = {"input_shape": list(shape)}
+    protos = {}
+    for name, model in (("teacher", teacher), ("student", student)):
+        proto = export_onnx(model, shape, run.path(f"{name}.onnx"))
+        protos[name] = proto
+        try:
+            out[f"{name}_max_abs_diff"] = check_against_torch(model, proto, x, rtol=1e-3, atol=1e-3)
+        except ExportMismatchError as e:
+            raise ArchnetError(f"{name}.onnx disagrees with PyTorch: {e}") from None
+        out[f"{name}_ops"] = sorted({n.op_type for n in proto.graph.node})
+    violations = check_model(protos["student"], run.target)
+    if violations:
+        listed = "; ".join(str(v) for v in violations[:5])
+        raise ArchnetError(
+            f"student.onnx violates target {run.target.name} ({len(violations)} nodes): {listed}"
+        )
+    out["student_violations"] = 0
+    backend = run.target.latency_backend()
+    cfg = run.config.latency
+    times = backend.measure_many(
+        {"teacher": teacher, "student": student}, shape,
+        rounds=cfg.rounds, warmup=cfg.warmup, repeats=cfg.repeats,
+    )
+    out.update({
+        "backend": backend.name, "device": backend.device, "threads": backend.threads,
+        "teacher_ms": times["teacher"], "student_ms": times["student"],
+        "speedup": times["teacher"] / times["student"],
+    })
+    return out

@@ -1,0 +1,254 @@
+"""Hardware targets: which operators a chip accepts and how latency is measured on it.
+
+A target is a small TOML profile so that a new chip is described by data, not code. Profiles
+are validated strictly: a typo in a key would otherwise silently fall back to a default and
+produce a search tuned for the wrong hardware.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from archnet.errors import ArchnetError
+from archnet.targets.latency import BACKENDS, LatencyBackend, get_backend
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["BUILTIN", "DEVICES", "Target", "list_targets", "load_target"]
+
+BUILTIN = "built-in"
+DEVICES = ("cpu", "cuda")
+ALL_OPS = "*"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One deployment target: operator whitelist plus the latency backend that times blocks."""
+
+    name: str
+    description: str
+    backend: str
+    device: str
+    threads: int
+    batch_size: int = 1
+    allowed_ops: frozenset[str] | None = None
+    rules: dict[str, Any] = field(default_factory=dict)
+    source: str = BUILTIN
+
+    def allows(self, op_type: str) -> bool:
+        """Whether an ONNX op type may appear in a student for this target."""
+        return self.allowed_ops is None or op_type in self.allowed_ops
+
+    def latency_backend(self) -> LatencyBackend:
+        """The configured backend; fails here (not at load time) when the device is missing."""
+        return get_backend(self.backend, device=self.device, threads=self.threads)
+
+    def to_dict(self) -> dict[str, Any]:
+        """TOML-shaped data: written into a run's config and loadable again as a profile."""
+        allowed: str | list[str] = ALL_OPS if self.allowed_ops is None else sorted(self.allowed_ops)
+        data: dict[str, Any] = {
+            "name": self.name,
+            "description": self.description,
+            "source": self.source,
+            "latency": {
+                "backend": self.backend,
+                "device": self.device,
+                "threads": self.threads,
+                "batch_size": self.batch_size,
+            },
+            "ops": {"allowed": allowed},
+        }
+        if self.rules:
+            data["rules"] = dict(self.rules)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = BUILTIN) -> Target:
+        """Validate profile data; errors name the offending key and the file it came from."""
+        _check_unknown_keys(data, source)
+        values = {f.attr: _read(data, f, source) for f in _FIELDS}
+        return cls(**values, source=source)
+
+
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _is_name(value: object) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_table(value: object) -> bool:
+    return isinstance(value, dict)
+
+
+def _is_device(value: object) -> bool:
+    return value in DEVICES
+
+
+def _is_backend(value: object) -> bool:
+    return value in BACKENDS
+
+
+def _is_op_list(value: object) -> bool:
+    return value == ALL_OPS or (
+        isinstance(value, list) and all(isinstance(op, str) and op for op in value)
+    )
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """How one kind of value is checked, described in errors, and turned into a field."""
+
+    check: Callable[[object], bool]
+    describe: Callable[[], str]
+    convert: Callable[[Any], Any] = lambda value: value
+
+
+def _to_ops(value: str | list[str]) -> frozenset[str] | None:
+    return None if value == ALL_OPS else frozenset(value)
+
+
+_KINDS: dict[str, _Kind] = {
+    "text": _Kind(_is_str, lambda: "a string"),
+    "name": _Kind(_is_name, lambda: "a non-empty string"),
+    "count": _Kind(_is_positive_int, lambda: "a positive integer"),
+    "table": _Kind(_is_table, lambda: "a table", dict),
+    "device": _Kind(_is_device, lambda: f"one of {', '.join(DEVICES)}"),
+    "backend": _Kind(_is_backend, lambda: f"a known backend ({', '.join(sorted(BACKENDS))})"),
+    "ops": _Kind(_is_op_list, lambda: f'"{ALL_OPS}" or a list of ONNX op types', _to_ops),
+}
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class _Field:
+    key: str  # dotted TOML key
+    attr: str  # Target attribute
+    kind: str  # key into _KINDS
+    default: Any = _REQUIRED
+
+
+_FIELDS = (
+    _Field("name", "name", "name"),
+    _Field("description", "description", "text", ""),
+    _Field("latency.backend", "backend", "backend"),
+    _Field("latency.device", "device", "device", "cpu"),
+    _Field("latency.threads", "threads", "count", 1),
+    _Field("latency.batch_size", "batch_size", "count", 1),
+    _Field("ops.allowed", "allowed_ops", "ops", ALL_OPS),
+    _Field("rules", "rules", "table", {}),
+)
+
+# Keys accepted but not turned into fields ("source" is written by to_dict for provenance).
+_IGNORED_KEYS = frozenset({"source"})
+_SECTIONS = frozenset(f.key.split(".")[0] for f in _FIELDS if "." in f.key)
+
+
+def _fail(source: str, message: str) -> ArchnetError:
+    where = "built-in target" if source == BUILTIN else f"target file {source}"
+    return ArchnetError(f"{where}: {message}")
+
+
+def _check_unknown_keys(data: Mapping[str, Any], source: str) -> None:
+    """Reject typos such as ``thread = 4`` instead of silently using a default."""
+    known = {f.key for f in _FIELDS} | _IGNORED_KEYS
+    for key, value in data.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise _fail(source, f"[{key}] must be a table")
+            for sub in value:
+                if f"{key}.{sub}" not in known:
+                    raise _fail(source, f"unknown key {key}.{sub}")
+        elif key not in known:
+            raise _fail(source, f"unknown key {key}")
+
+
+def _read(data: Mapping[str, Any], spec: _Field, source: str) -> Any:
+    node: Any = data
+    for part in spec.key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            if spec.default is _REQUIRED:
+                raise _fail(source, f"missing required key {spec.key}")
+            return _KINDS[spec.kind].convert(spec.default)
+        node = node[part]
+    kind = _KINDS[spec.kind]
+    if not kind.check(node):
+        raise _fail(source, f"{spec.key} must be {kind.describe()} (got {node!r})")
+    if spec.kind == "ops":
+        _check_op_names(node, source)
+    return kind.convert(node)
+
+
+def _check_op_names(value: str | list[str], source: str) -> None:
+    """Catch PyTorch class names (``Conv2d``) where ONNX op types (``Conv``) are expected."""
+    if value == ALL_OPS:
+        return
+    unknown = [op for op in value if not onnx.defs.has(op)]
+    if unknown:
+        raise _fail(source, f"ops.allowed has unknown ONNX op types: {', '.join(unknown)}")
+
+
+def _profiles() -> dict[str, Any]:
+    """Built-in profile files by target name (file stem)."""
+    folder = resources.files("archnet.targets") / "profiles"
+    return {
+        entry.name.removesuffix(".toml"): entry
+        for entry in folder.iterdir()
+        if entry.name.endswith(".toml")
+    }
+
+
+def _parse(text: str, source: str) -> Target:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _fail(source, f"TOML syntax error: {exc}") from exc
+    return Target.from_dict(data, source)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.endswith(".toml") or "/" in name or "\\" in name or Path(name).is_file()
+
+
+def load_target(name_or_path: str | Path | Target) -> Target:
+    """A built-in target by name, or a user profile from a ``.toml`` path."""
+    if isinstance(name_or_path, Target):
+        return name_or_path
+    text = str(name_or_path)
+    if isinstance(name_or_path, Path) or _looks_like_path(text):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise ArchnetError(f"target file not found: {path}")
+        try:
+            content = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ArchnetError(f"cannot read target file {path}: {exc}") from exc
+        return _parse(content, str(path))
+    profiles = _profiles()
+    if text not in profiles:
+        raise ArchnetError(
+            f"unknown target {text!r}; built-in targets: {', '.join(sorted(profiles))} "
+            "(or give a path to a .toml profile)"
+        )
+    return _parse(profiles[text].read_text(encoding="utf-8"), BUILTIN)
+
+
+def list_targets() -> list[Target]:
+    """All built-in targets, sorted by name, whether or not this machine can run them."""
+    return [load_target(name) for name in sorted(_profiles())]

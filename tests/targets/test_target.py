@@ -1,0 +1,136 @@
+"""Target profiles: built-ins load, user files load, and malformed files name the bad key."""
+
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from archnet.errors import ArchnetError
+from archnet.targets import Target, list_targets, load_target
+from archnet.targets.latency import LatencyBackend
+
+BUILTINS = {"cpu-ort", "cpu-torch", "cuda-torch", "cuda-ort"}
+
+GOOD = """
+name = "my-npu"
+description = "Convs and ReLUs only"
+
+[latency]
+backend = "torch"
+device = "cpu"
+threads = 2
+batch_size = 4
+
+[ops]
+allowed = ["Conv", "Relu", "Add"]
+
+[rules.Conv]
+kernel_shape = [[1, 1], [3, 3]]
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "t.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_builtins_load() -> None:
+    targets = {t.name: t for t in list_targets()}
+    assert set(targets) >= BUILTINS
+    cpu = load_target("cpu-ort")
+    assert (cpu.backend, cpu.device, cpu.threads, cpu.batch_size) == ("onnxruntime", "cpu", 1, 1)
+    assert cpu.allowed_ops is None and cpu.allows("AnyOp")
+    assert cpu.source == "built-in"
+    assert targets["cuda-torch"].device == "cuda"
+    assert targets["cuda-ort"].backend == "onnxruntime"
+    assert load_target(cpu) is cpu
+
+
+@pytest.mark.parametrize("name", ["cpu-ort", "cpu-torch"])
+def test_cpu_builtins_give_backend(name: str) -> None:
+    backend = load_target(name).latency_backend()
+    assert isinstance(backend, LatencyBackend)
+    assert backend.device == "cpu" and backend.threads == 1
+
+
+def test_user_toml_loads_and_round_trips(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD)
+    target = load_target(str(path))
+    assert target.name == "my-npu"
+    assert (target.backend, target.device, target.threads, target.batch_size) == (
+        "torch",
+        "cpu",
+        2,
+        4,
+    )
+    assert target.allowed_ops == frozenset({"Conv", "Relu", "Add"})
+    assert target.allows("Conv") and not target.allows("Softmax")
+    assert target.rules == {"Conv": {"kernel_shape": [[1, 1], [3, 3]]}}
+    assert target.source == str(path)
+    again = load_target(write(tmp_path, tomli_w.dumps(target.to_dict()), "again.toml"))
+    assert again == Target(**{**target.__dict__, "source": again.source})
+
+
+def test_defaults_fill_optional_keys(tmp_path: Path) -> None:
+    target = load_target(write(tmp_path, 'name = "x"\n[latency]\nbackend = "onnxruntime"\n'))
+    assert (target.device, target.threads, target.batch_size, target.allowed_ops) == (
+        "cpu",
+        1,
+        1,
+        None,
+    )
+
+
+def test_unknown_name_lists_builtins() -> None:
+    with pytest.raises(ArchnetError, match="cpu-ort") as err:
+        load_target("no-such-chip")
+    assert "no-such-chip" in str(err.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ArchnetError, match="not found"):
+        load_target(str(tmp_path / "absent.toml"))
+
+
+def test_syntax_error_names_file(tmp_path: Path) -> None:
+    path = write(tmp_path, 'name = "x\n')
+    with pytest.raises(ArchnetError, match="TOML syntax error") as err:
+        load_target(path)
+    assert str(path) in str(err.value)
+
+
+def test_unavailable_cuda_backend_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ArchnetError, match="available: cpu"):
+        load_target("cuda-torch").latency_backend()
+
+
+MALFORMED = {
+    "missing name": (GOOD.replace('name = "my-npu"', ""), "missing required key name"),
+    "empty name": (GOOD.replace('"my-npu"', '""'), "name must be"),
+    "missing backend": (GOOD.replace('backend = "torch"', ""), "latency.backend"),
+    "unknown backend": (GOOD.replace('"torch"', '"tvm"'), "latency.backend"),
+    "bad device": (GOOD.replace('"cpu"', '"tpu"'), "latency.device"),
+    "zero threads": (
+        GOOD.replace("threads = 2", "threads = 0"),
+        "latency.threads must be a positive integer",
+    ),
+    "string threads": (GOOD.replace("threads = 2", 'threads = "2"'), "latency.threads"),
+    "bool batch": (GOOD.replace("batch_size = 4", "batch_size = true"), "latency.batch_size"),
+    "ops not a list": (GOOD.replace('["Conv", "Relu", "Add"]', '"Conv"'), "ops.allowed"),
+    "torch op name": (GOOD.replace('"Conv"', '"Conv2d"'), "ops.allowed.*Conv2d"),
+    "typo key": (GOOD.replace("threads = 2", "thread = 2"), "latency.thread"),
+    "unknown top key": ("foo = 1\n" + GOOD, "unknown key foo"),
+    "latency not a table": ('name = "x"\nlatency = 3\n', r"\[latency\]"),
+    "rules not a table": ("rules = 1\n" + GOOD.split("[rules.Conv]")[0], "rules must be"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_names_key_and_file(tmp_path: Path, case: str) -> None:
+    text, pattern = MALFORMED[case]
+    path = write(tmp_path, text)
+    with pytest.raises(ArchnetError, match=pattern) as err:
+        load_target(path)
+    assert str(path) in str(err.value)
