@@ -68,7 +68,7 @@ FAMILY_PATTERNS: dict[str, str] = {
 def match_name(name: str, pattern: str) -> bool:
     """Dot-aware glob: ``layer*.*`` matches ``layer1.0`` but not ``layer1.0.conv1``."""
     parts, pats = name.split("."), pattern.split(".")
-    return len(parts) == len(pats) and all(fnmatch(p, q) for p, q in zip(parts, pats))
+    return len(parts) == len(pats) and all(fnmatch(p, q) for p, q in zip(parts, pats, strict=False))
 
 
 def _is_container(module: nn.Module) -> bool:

@@ -143,7 +143,7 @@ def _report(a: argparse.Namespace) -> int:
 
     run = open_run(a.run)
     path = run.path("report.json")
-    if not path.exists():
+    if "report" not in run.state["done"]:  # absent, or stale after `archnet search`
         raise ArchnetError(f"{a.run} has no report yet; finish it with `archnet export --run {a.run}`")
     print_summary(json.loads(path.read_text()), run.root)
     return 0

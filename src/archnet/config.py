@@ -46,6 +46,22 @@ class ConvertConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
 
+    def validate(self) -> None:
+        """Fail on any bad option before hours of work, not at the stage that first reads it."""
+        from archnet.candidates import list_candidates
+        from archnet.targets import load_target
+
+        load_target(self.target)
+        parse_budget(self.budget, "latency")
+        for what, text in (("params", self.params_budget), ("macs", self.macs_budget)):
+            if text is not None:
+                parse_budget(text, what)
+        patterns = [p.strip() for p in self.candidates.split(",") if p.strip() != "teacher"]
+        if patterns:
+            list_candidates(patterns)
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ArchnetError(f"heldout_fraction {self.heldout_fraction} must be in (0, 1)")
+
     def to_dict(self) -> dict[str, Any]:
         return _drop_none(dataclasses.asdict(self))
 

@@ -181,7 +181,7 @@ def create_run(
                 "or --out NEW_DIR to start another"
             )
         return Run(root, ConvertConfig.load(root / "config.toml"))
-    load_target(config.target)  # fail on a bad target before any work
+    config.validate()
     root.mkdir(parents=True, exist_ok=True)
     images = _as_image_data(data, config)
     if len(images) < 10:
@@ -341,7 +341,7 @@ def search_table(run: Run) -> SearchTable:
     cands = [pools[b]["candidates"] for b in names]
 
     def col(f: Callable[[str, str], float]) -> list[np.ndarray]:
-        return [np.array([f(b, c) for c in cs], dtype=float) for b, cs in zip(names, cands)]
+        return [np.array([f(b, c) for c in cs], dtype=float) for b, cs in zip(names, cands, strict=False)]
 
     return SearchTable(
         blocks=names,
@@ -406,7 +406,7 @@ def _assemble(run: Run) -> dict[str, Any]:
     jobs = {(j.spec.name, j.name): j for j in run.jobs()}
     replacements = {
         spec.name: load_candidate(jobs[(spec.name, name)], run.teacher_block(spec))[0]
-        for spec, name in zip(run.specs, result.names)
+        for spec, name in zip(run.specs, result.names, strict=False)
         if name != "teacher"
     }
     student = assemble(run.teacher, replacements)

@@ -41,7 +41,7 @@ def build_report(run: Run) -> dict[str, Any]:
         student["top1_before_finetune"] = asm["before_finetune"]["top1"]
         teacher["top1"] = asm["teacher"]["top1"]
     blocks = []
-    for name, choice in zip(search["table"]["blocks"], result["names"]):
+    for name, choice in zip(search["table"]["blocks"], result["names"], strict=False):
         row = scores[name][choice]
         blocks.append({
             "block": name,
@@ -190,7 +190,7 @@ def plot_blocks(rep: dict[str, Any], path: str) -> None:
     ax.bar([x - 0.2 for x in xs], [b["teacher_latency_ms"] or 0 for b in blocks], 0.4,
            label="teacher block")
     ax.bar([x + 0.2 for x in xs], [b["latency_ms"] for b in blocks], 0.4, label="chosen")
-    for x, b in zip(xs, blocks):
+    for x, b in zip(xs, blocks, strict=False):
         ax.text(x + 0.2, b["latency_ms"], b["choice"], rotation=90, fontsize=7, va="bottom",
                 ha="center")
     ax.set_xticks(list(xs), [b["block"] for b in blocks], rotation=45, ha="right", fontsize=8)

@@ -30,7 +30,7 @@ def test_training_lowers_loss_and_beats_chance(small):
     before = _loss(model, small)
     t0 = time.perf_counter()
     model = train_classifier(model, small, epochs=2, lr=5e-3, batch_size=32, progress=False)
-    assert time.perf_counter() - t0 < 20
+    assert time.perf_counter() - t0 < 60  # ~3 s on 2 idle cores; loose for shared machines
     assert not model.training
     assert _loss(model, small) < before
     assert evaluate(model, small) > 20.0  # chance is 10%

@@ -168,7 +168,7 @@ def run_jobs(
 
     with ProcessPoolExecutor(cfg.workers, mp.get_context("spawn"), _worker_init) as pool:
         args = [(j, teacher_blocks[j.spec.name], str(cache_root), cfg, base_seed) for j in todo]
-        for job, metrics in zip(todo, pool.map(_run_job_worker, args)):
+        for job, metrics in zip(todo, pool.map(_run_job_worker, args), strict=False):
             on_job_done(job, metrics)
 
 

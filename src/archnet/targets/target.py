@@ -7,7 +7,7 @@ produce a search tuned for the wrong hardware.
 
 from __future__ import annotations
 
-import sys
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -18,11 +18,6 @@ import onnx
 
 from archnet.errors import ArchnetError
 from archnet.targets.latency import BACKENDS, LatencyBackend, get_backend
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 __all__ = ["BUILTIN", "DEVICES", "Target", "list_targets", "load_target"]
 
