@@ -279,11 +279,6 @@ class _InPlaceNet(nn.Module):
         return self.head(self.blocks(x).mean((2, 3)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FeatureCache records a block's input in a forward (post) hook, after the block "
-    "may have modified it in place; a forward pre-hook would record the true input",
-)
 def test_feature_cache_input_is_recorded_before_the_block_runs(tmp_path: Path) -> None:
     model = _InPlaceNet()
     specs = find_blocks(model, (4, 8, 8))

@@ -175,9 +175,7 @@ def test_factory_spec(factory_pkg: str, tmp_path: Path) -> None:
     source = _perturbed(load_model(f"{factory_pkg}:make"))
     path = tmp_path / "factory.pth"
     torch.save(source.state_dict(), path)
-    _assert_same_outputs(
-        load_model(f"{factory_pkg}:make", path), source, torch.randn(2, 3, 8, 8)
-    )
+    _assert_same_outputs(load_model(f"{factory_pkg}:make", path), source, torch.randn(2, 3, 8, 8))
 
 
 def test_factory_errors(factory_pkg: str) -> None:

@@ -107,12 +107,14 @@ def trace_blocks(model: nn.Module, names: list[str], example: torch.Tensor) -> l
         return fn
 
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    was_training = model.training
     try:
         with torch.no_grad():
             model.eval()(example)
     finally:
         for h in handles:
             h.remove()
+        model.train(was_training)
     specs = []
     for name in dict.fromkeys(order):
         if name in bad or len(calls[name]) != 1:
@@ -186,6 +188,8 @@ class FeatureCache:
     ) -> None:
         """Run the teacher over ``images`` once, hooking every block."""
         n = len(images)
+        if n == 0:
+            raise ArchnetError(f"no images to compute teacher features for ({split} split)")
         out_dir = self.root / split
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = {}
@@ -197,17 +201,18 @@ class FeatureCache:
         logits = None
         cursor = [0]
 
-        def hook(i: int):
-            def fn(_m, args, out):
-                lo, hi = cursor[0], cursor[0] + len(out)
-                tmp[(i, "in")][lo:hi] = args[0].detach().to(torch.float16).numpy()
-                tmp[(i, "out")][lo:hi] = out.detach().to(torch.float16).numpy()
+        def store(i: int, kind: str, t: torch.Tensor) -> None:
+            lo = cursor[0]
+            tmp[(i, kind)][lo : lo + len(t)] = t.detach().to(torch.float16).numpy()
 
-            return fn
-
-        handles = [
-            model.get_submodule(s.name).register_forward_hook(hook(i)) for i, s in enumerate(specs)
-        ]
+        # the input is copied before the block runs: a block may modify it in place
+        handles = []
+        for i, s in enumerate(specs):
+            block = model.get_submodule(s.name)
+            handles.append(block.register_forward_pre_hook(
+                lambda _m, args, i=i: store(i, "in", args[0])))
+            handles.append(block.register_forward_hook(
+                lambda _m, _args, out, i=i: store(i, "out", out)))
         task = progress.add_task(f"teacher features ({split})", total=n) if progress else None
         try:
             model.eval()

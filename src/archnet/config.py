@@ -99,7 +99,7 @@ def _build(cls: type, data: dict[str, Any], source: str, prefix: str = ""):
     for key, value in data.items():
         if key not in fields:
             raise ArchnetError(
-                f"{source}: unknown key {prefix}{key!r}; known: {', '.join(sorted(fields))}"
+                f"{source}: unknown key {prefix + key!r}; known: {', '.join(sorted(fields))}"
             )
         default = getattr(cls(), key)
         if dataclasses.is_dataclass(default):

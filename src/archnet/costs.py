@@ -65,7 +65,7 @@ def block_latency_table(
 
     def floor(shape: tuple[int, ...]) -> float:
         if shape not in overheads:
-            overheads[shape] = backend.overhead_ms(shape)
+            overheads[shape] = backend.overhead_ms(shape, **kw)
         return overheads[shape]
 
     hits = 0

@@ -143,7 +143,12 @@ def test_run_jobs_trains_checkpoints_and_resumes(tmp_path: Path, teacher_and_cac
         assert m["val_nmse"] >= 0
     # the teacher copy and a parameter-free identity skip have nothing to train
     trained = {n: len(m["train_loss"]) for n, m in metrics.items()}
-    assert trained == {"1_skip.pt": 0, "1_mbconv_k3_e3_relu.pt": 1, "2_skip.pt": 1, "2_teacher.pt": 0}
+    assert trained == {
+        "1_skip.pt": 0,
+        "1_mbconv_k3_e3_relu.pt": 1,
+        "2_skip.pt": 1,
+        "2_teacher.pt": 0,
+    }
     assert metrics["2_teacher.pt"]["val_nmse"] < 1e-5  # the block itself reproduces its features
     assert metrics["1_skip.pt"]["val_nmse"] > 1e-3
 
@@ -196,7 +201,10 @@ def test_load_candidate_restores_trained_module(tmp_path: Path, teacher_and_cach
 
 
 def test_candidate_job_seed() -> None:
-    spec_a, spec_b = BlockSpec("layer1.0", (8, 4, 4), (8, 4, 4)), BlockSpec("layer1.1", (8, 4, 4), (8, 4, 4))
+    spec_a, spec_b = (
+        BlockSpec("layer1.0", (8, 4, 4), (8, 4, 4)),
+        BlockSpec("layer1.1", (8, 4, 4), (8, 4, 4)),
+    )
     job = CandidateJob(0, spec_a, "skip", Path("x.pt"))
     same = CandidateJob(5, spec_a, "skip", Path("elsewhere/y.pt"))
     assert job.seed(0) == job.seed(0) == same.seed(0)

@@ -10,7 +10,7 @@ from torch import nn
 
 from archnet.blocks import BlockSpec, find_blocks
 from archnet.candidates import build_candidate
-from archnet.data import ImageData
+from archnet.data import ImageData, digits
 from archnet.distill.finetune import FinetuneConfig, assemble, finetune, random_shift
 from archnet.distill.losses import kd_kl
 from archnet.zoo import create_model
@@ -21,19 +21,19 @@ SHAPE = (3, 16, 16)
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    return torch.randn(64, *SHAPE, generator=torch.Generator().manual_seed(0))
+    return digits(size=16).images[:128]
 
 
 @pytest.fixture(scope="module")
 def teacher(images: torch.Tensor) -> nn.Module:
-    """tiny_resnet with confident, input-dependent predictions and calibrated BatchNorm."""
+    """tiny_resnet with input-dependent predictions and BatchNorm calibrated on the images."""
     torch.manual_seed(0)
     model = create_model("tiny_resnet")
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.fill_(1.0)
-        model.fc.weight.normal_(0.0, 1.0)
+        model.fc.weight.normal_(0.0, 0.3)
     recalibrate_bn(model, ImageData(images))
     return model.eval()
 
@@ -81,10 +81,7 @@ def test_assemble_swaps_by_name_without_touching_teacher(teacher: nn.Module, spe
         assert student(x).shape == teacher(x).shape
 
 
-@pytest.mark.parametrize("feature_weight", [0.0, 0.5])
-def test_finetune_lowers_kl_to_teacher(
-    teacher: nn.Module, specs, images: torch.Tensor, feature_weight: float
-) -> None:
+def test_finetune_lowers_kl_to_teacher(teacher: nn.Module, specs, images: torch.Tensor) -> None:
     spec = specs[2]
     torch.manual_seed(0)
     student = assemble(teacher, {spec.name: build_candidate("mbconv_k3_e3_relu", spec)})
@@ -93,9 +90,7 @@ def test_finetune_lowers_kl_to_teacher(
         t_logits = teacher(images)
         kl_before = kd_kl(student(images), t_logits).item()
 
-    cfg = FinetuneConfig(
-        epochs=2, batch_size=16, lr=1e-2, shift=1, feature_weight=feature_weight
-    )
+    cfg = FinetuneConfig(epochs=3, batch_size=16, lr=3e-3, shift=1, feature_weight=0.5)
     steps: list[float] = []
     history = finetune(
         student, teacher, images, cfg, feature_names=[spec.name], seed=0, on_step=steps.append
@@ -103,9 +98,10 @@ def test_finetune_lowers_kl_to_teacher(
 
     with torch.no_grad():
         kl_after = kd_kl(student(images), t_logits).item()
-    assert kl_before > 0.5  # the fresh block really changes the predictions
-    assert kl_after < 0.6 * kl_before
-    assert len(history) == cfg.epochs and len(steps) == cfg.epochs * 4
+    assert kl_before > 0.3  # the fresh block really changes the predictions
+    assert kl_after < 0.75 * kl_before
+    assert len(history) == cfg.epochs and len(steps) == cfg.epochs * len(images) // 16
+    assert all(v > 0 for v in steps)
     assert not student.training
     assert _hooks(student) == 0 and _hooks(teacher) == 0  # feature taps removed
     after = teacher.state_dict()
@@ -117,8 +113,12 @@ def test_finetune_is_deterministic(teacher: nn.Module, specs, images: torch.Tens
     torch.manual_seed(0)
     base = assemble(teacher, {spec.name: build_candidate("skip", spec)})
     a, b = copy.deepcopy(base), copy.deepcopy(base)
-    cfg = FinetuneConfig(epochs=1, batch_size=32, lr=1e-3)
-    assert finetune(a, teacher, images, cfg, seed=3) == finetune(b, teacher, images, cfg, seed=3)
+    cfg = FinetuneConfig(epochs=1, batch_size=16, lr=1e-3)
+    few = images[:32]
+    assert finetune(a, teacher, few, cfg, seed=3) == finetune(b, teacher, few, cfg, seed=3)
+    assert any(
+        not torch.equal(p, q) for p, q in zip(a.parameters(), base.parameters(), strict=True)
+    )
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
 
@@ -130,9 +130,7 @@ def test_random_shift_keeps_shape_and_translates() -> None:
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
     gen = torch.Generator().manual_seed(0)
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
-    crops = {
-        (dy, dx): padded[..., dy : dy + 8, dx : dx + 8] for dy in range(5) for dx in range(5)
-    }
+    crops = {(dy, dx): padded[..., dy : dy + 8, dx : dx + 8] for dy in range(5) for dx in range(5)}
     moved = 0
     for _ in range(20):
         y = random_shift(x, 2, gen)

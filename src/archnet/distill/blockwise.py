@@ -21,6 +21,7 @@ from torch import nn
 
 from archnet.blocks import BlockSpec, FeatureCache
 from archnet.candidates import build_candidate
+from archnet.distill.bn import recalibrate_bn
 from archnet.distill.losses import nmse
 
 
@@ -101,6 +102,7 @@ def train_block(
             if on_step:
                 on_step()
         history.append(total / n)
+    recalibrate_bn(module, (_tensor(x, idx) for idx in _batches(n, 256, None)))
     module.eval()
     return history
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archnet.distill.bn import recalibrate_bn
 from archnet.distill.losses import kd_kl, nmse
 
 
@@ -101,6 +102,7 @@ def finetune(
     finally:
         s_tap.close()
         t_tap.close()
+    recalibrate_bn(student, (images[i : i + 256].float() for i in range(0, n, 256)))
     student.eval()
     return history
 

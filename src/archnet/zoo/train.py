@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from archnet.data import ImageData, batches
+from archnet.distill.bn import recalibrate_bn as _recalibrate_bn
 from archnet.errors import ArchnetError
 
 __all__ = ["evaluate", "random_shift", "recalibrate_bn", "train_classifier"]
@@ -32,29 +33,8 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, data: ImageData, batch_size: int = 256) -> nn.Module:
-    """Recompute BatchNorm running statistics as exact averages over `data`.
-
-    After short trainings the exponential running averages lag far behind the weights, which
-    makes eval-mode accuracy much worse than train-mode accuracy; one clean pass fixes that.
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or len(data) == 0:
-        return model
-    was_training = model.training
-    momenta = [bn.momentum for bn in bns]
-    model.eval()
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average
-        bn.train()
-    try:
-        for x in batches(data.images, batch_size):
-            model(x)
-    finally:
-        for bn, mom in zip(bns, momenta, strict=True):
-            bn.momentum = mom
-        model.train(was_training)
-    return model
+    """Recompute BatchNorm running statistics over ``data`` (see archnet.distill.bn)."""
+    return _recalibrate_bn(model, batches(data.images, batch_size))
 
 
 def _require_labels(data: ImageData, what: str) -> torch.Tensor:

@@ -1,0 +1,152 @@
+"""Block stubs, the outside-the-blocks network, and the per-candidate latency table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from archnet.blocks import BlockSpec, find_blocks
+from archnet.costs import BlockStub, block_latency_table, outside_network
+from archnet.flops import count_macs, count_params
+from archnet.onnx_utils import INPUT_NAME, export_onnx, ort_session
+from archnet.targets import LatencyCache, get_backend
+from archnet.zoo import create_model
+
+SHAPE = (3, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def teacher() -> nn.Module:
+    torch.manual_seed(0)
+    return create_model("tiny_resnet").eval()
+
+
+@pytest.fixture(scope="module")
+def specs(teacher: nn.Module) -> list[BlockSpec]:
+    return find_blocks(teacher, SHAPE)
+
+
+@pytest.mark.parametrize("out_shape", [(8, 4, 4), (32, 2, 2), (10,)])
+def test_block_stub_output_shape(out_shape: tuple[int, ...]) -> None:
+    stub = BlockStub(out_shape)
+    y = stub(torch.randn(3, 16, 8, 8))
+    assert y.shape == (3, *out_shape)
+    assert torch.all(y == 0)
+    assert count_params(stub) == 0
+
+
+def test_block_stub_depends_on_its_input() -> None:
+    """One input element reaches the output, so nothing upstream can be optimized away."""
+    stub = BlockStub((4, 2, 2))
+    x = torch.randn(2, 3, 5, 5)
+    x[0, 0, 0, 0] = float("nan")
+    y = stub(x)
+    assert torch.isnan(y[0]).all() and not torch.isnan(y[1]).any()
+
+
+def _nan_stem(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        model.conv1.weight.fill_(float("nan"))
+    return model
+
+
+def test_outside_network_keeps_stem_and_head(teacher: nn.Module, specs) -> None:
+    shell = outside_network(teacher, specs)
+    assert all(isinstance(shell.get_submodule(s.name), BlockStub) for s in specs)
+    assert not isinstance(teacher.get_submodule(specs[0].name), BlockStub)  # teacher intact
+    assert count_params(shell) == count_params(teacher) - sum(
+        count_params(teacher.get_submodule(s.name)) for s in specs
+    )
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        y = shell(x)
+        assert y.shape == (2, 10) and torch.isfinite(y).all()
+        # the stem's weights reach the output: break them and the output breaks
+        assert torch.isnan(_nan_stem(outside_network(teacher, specs))(x)).all()
+        # and the head's weights too
+        head = outside_network(teacher, specs)
+        head.fc.bias.add_(1.0)
+        torch.testing.assert_close(head(x), y + 1.0)
+
+
+def test_outside_network_exports_with_stem(teacher: nn.Module, specs, tmp_path: Path) -> None:
+    shell = outside_network(teacher, specs)
+    path = tmp_path / "outside.onnx"
+    model = export_onnx(shell, (1, *SHAPE), path)
+    assert path.is_file()
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 1  # the stem; every block conv is gone
+    assert onnx.load(str(path)).graph.node
+
+    x = np.random.default_rng(0).standard_normal((1, *SHAPE)).astype(np.float32)
+    got = ort_session(model).run(None, {INPUT_NAME: x})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, shell(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
+
+    # the optimized runtime graph still computes the stem: NaN weights poison the output
+    broken = export_onnx(_nan_stem(outside_network(teacher, specs)), (1, *SHAPE))
+    assert np.isnan(ort_session(broken).run(None, {INPUT_NAME: x})[0]).all()
+
+
+def test_block_latency_table(teacher: nn.Module, specs, tmp_path: Path) -> None:
+    backend = get_backend("onnxruntime")
+    cfg = SimpleNamespace(warmup=2, repeats=5)
+    pools = {s.name: {"candidates": ["teacher", "skip"]} for s in specs}
+    input_shape = (1, *SHAPE)
+    calls: list[int] = []
+    with LatencyCache(tmp_path / "latency.sqlite") as cache:
+        table = block_latency_table(
+            backend, cache, teacher, specs, pools, input_shape, cfg, on_done=lambda: calls.append(1)
+        )
+        n_candidates = 2 * len(specs)
+        assert len(calls) == n_candidates + 2  # each candidate, the outside part, the teacher
+        assert set(table["blocks"]) == {s.name for s in specs}
+        for name, row in table["blocks"].items():
+            assert set(row) == {"teacher", "skip"}, name
+            assert all(ms >= 0.0 for ms in row.values())
+        for key in ("outside_ms", "teacher_ms", "teacher_predicted_ms"):
+            assert table[key] >= 0.0, key
+        assert table["teacher_ms"] > 0.0
+        assert table["backend"] == "onnxruntime" and table["device"] == "cpu"
+        assert table["batch_size"] == 1 and table["input_shape"] == [1, *SHAPE]
+        assert table["teacher_params"] == count_params(teacher)
+        block_params = sum(count_params(teacher.get_submodule(s.name)) for s in specs)
+        assert table["outside_params"] == count_params(teacher) - block_params
+        assert table["teacher_macs"] == count_macs(teacher, SHAPE)
+        assert 0 < table["outside_macs"] < table["teacher_macs"]
+        assert table["teacher_predicted_ms"] == pytest.approx(
+            table["outside_ms"] + sum(row["teacher"] for row in table["blocks"].values())
+        )
+        assert set(table["overhead_ms"]) == {"x".join(map(str, (1, *s.in_shape))) for s in specs}
+        first_hits = table["cache_hits"]
+        assert first_hits < n_candidates + 1
+        rows = len(cache)
+
+        again = block_latency_table(backend, cache, teacher, specs, pools, input_shape, cfg)
+        assert again["cache_hits"] == n_candidates + 1  # every candidate and the outside part
+        assert len(cache) == rows
+        assert again["blocks"] == table["blocks"]
+        assert again["outside_ms"] == table["outside_ms"]
+
+
+def test_block_latency_table_skips_candidates_not_in_pool(teacher, specs, tmp_path) -> None:
+    """A block whose pool lists only the teacher is timed for the teacher only."""
+    pools = {s.name: {"candidates": ["teacher"]} for s in specs}
+    pools[specs[0].name] = {"candidates": ["teacher", "skip"]}
+    table = block_latency_table(
+        get_backend("onnxruntime"),
+        LatencyCache(":memory:"),
+        teacher,
+        specs,
+        pools,
+        (1, *SHAPE),
+        SimpleNamespace(warmup=1, repeats=3),
+    )
+    assert set(table["blocks"][specs[0].name]) == {"teacher", "skip"}
+    assert all(set(table["blocks"][s.name]) == {"teacher"} for s in specs[1:])
