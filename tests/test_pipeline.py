@@ -20,7 +20,7 @@ def test_run_directory_holds_every_artifact(finished_run):
 
 def test_report_has_required_keys_and_consistent_numbers(finished_run):
     rep = json.loads((finished_run.run_dir / "report.json").read_text())
-    for key in ("latency_ms", "predicted_latency_ms", "top1"):
+    for key in ("latency_ms", "predicted_latency_ms", "sum_of_parts_ms", "top1"):
         assert key in rep["teacher"] and key in rep["student"]
     assert rep["speedup"] == pytest.approx(rep["teacher"]["latency_ms"] / rep["student"]["latency_ms"])
     assert rep["student"]["predicted_latency_ms"] <= rep["budgets"]["latency_ms"] + 1e-9

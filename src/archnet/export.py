@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from archnet.costs import outside_network
 from archnet.errors import ArchnetError
 from archnet.onnx_utils import ExportMismatchError, check_against_torch, export_onnx
 from archnet.targets.opset import check_model
@@ -39,8 +40,8 @@ def export_and_measure(run: Run, teacher: nn.Module, student: nn.Module) -> dict
     out["student_violations"] = 0
     backend = run.target.latency_backend()
     cfg = run.config.latency
-    times = backend.measure_many(
-        {"teacher": teacher, "student": student}, shape,
+    times = backend.measure_interleaved(
+        _timing_items(run, {"teacher": teacher, "student": student}, shape),
         rounds=cfg.rounds, warmup=cfg.warmup, repeats=cfg.repeats,
     )
     out.update({
@@ -48,4 +49,28 @@ def export_and_measure(run: Run, teacher: nn.Module, student: nn.Module) -> dict
         "teacher_ms": times["teacher"], "student_ms": times["student"],
         "speedup": times["teacher"] / times["student"],
     })
+    for name in ("teacher", "student"):
+        out[f"{name}_sum_of_parts_ms"] = times[f"{name}/outside"] + sum(
+            max(times[f"{name}/{s.name}"] - times[f"floor/{s.in_shape}"], 0.0) for s in run.specs
+        )
     return out
+
+
+def _timing_items(
+    run: Run, networks: dict[str, nn.Module], shape: tuple[int, ...]
+) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+    """Whole networks, and each one's parts as the latency model adds them, to time together.
+
+    Timing the parts in the same interleaved run as the wholes tests the additive latency
+    model itself, free of the drift between the latency stage and now.
+    """
+    batch = shape[0]
+    items: dict[str, tuple[nn.Module, tuple[int, ...]]] = {}
+    for name, net in networks.items():
+        items[name] = (net, shape)
+        items[f"{name}/outside"] = (outside_network(net, run.specs), shape)
+        for s in run.specs:
+            items[f"{name}/{s.name}"] = (net.get_submodule(s.name), (batch, *s.in_shape))
+    for s in run.specs:
+        items[f"floor/{s.in_shape}"] = (nn.Identity(), (batch, *s.in_shape))
+    return items

@@ -179,6 +179,23 @@ def test_job_results_do_not_depend_on_order(tmp_path: Path, teacher_and_cache) -
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_process_pool_matches_in_process(tmp_path: Path, teacher_and_cache) -> None:
+    teacher, specs, root = teacher_and_cache
+    blocks = {s.name: teacher.get_submodule(s.name) for s in specs}
+    serial = _jobs(specs, tmp_path / "serial")[:2]
+    pooled = _jobs(specs, tmp_path / "pool")[:2]
+    run_jobs(serial, blocks, root, CFG, base_seed=5, on_job_done=lambda *_: None)
+    done: list[str] = []
+    parallel = BlockwiseConfig(**{**CFG.__dict__, "workers": 2})
+    run_jobs(pooled, blocks, root, parallel, base_seed=5,
+             on_job_done=lambda job, _m: done.append(job.name))
+    assert sorted(done) == sorted(j.name for j in pooled)
+    for a_job, b_job in zip(serial, pooled):
+        a, b = _state(a_job.path), _state(b_job.path)
+        # same seed, same data: equal up to thread-count rounding in the kernels
+        assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+
+
 def test_load_candidate_restores_trained_module(tmp_path: Path, teacher_and_cache) -> None:
     teacher, specs, root = teacher_and_cache
     blocks = {s.name: teacher.get_submodule(s.name) for s in specs}

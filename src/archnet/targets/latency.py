@@ -115,16 +115,29 @@ class LatencyBackend(ABC):
         warmup: int = 10,
         repeats: int = 50,
     ) -> dict[str, float]:
-        """Median ms per module, interleaving modules round-robin over ``rounds`` rounds.
+        """Median ms per module at one input shape, interleaved (see :meth:`measure_interleaved`)."""
+        items = {key: (module, input_shape) for key, module in modules.items()}
+        return self.measure_interleaved(items, rounds, warmup, repeats)
 
-        Networks being compared (teacher vs. student, say) thus see the same thermal state and
-        background load; a slow spell hits all of them instead of biasing one. ``repeats`` is
-        the total number of samples per module, spread evenly over the rounds.
+    def measure_interleaved(
+        self,
+        items: Mapping[str, tuple[nn.Module, Sequence[int]]],
+        rounds: int = 5,
+        warmup: int = 10,
+        repeats: int = 50,
+    ) -> dict[str, float]:
+        """Median ms per (module, input shape), interleaving them round-robin over ``rounds``.
+
+        Networks being compared (teacher vs. student, a network vs. its parts) thus see the
+        same thermal state and background load; a slow spell hits all of them instead of
+        biasing one. ``repeats`` is the total number of samples per item, spread over rounds.
         """
-        shape = tuple(int(s) for s in input_shape)
         per_round = max(1, math.ceil(repeats / max(1, rounds)))
         with self._context():
-            runners = {key: self._runner(module, shape) for key, module in modules.items()}
+            runners = {
+                key: self._runner(module, tuple(int(s) for s in shape))
+                for key, (module, shape) in items.items()
+            }
             for run in runners.values():
                 for _ in range(warmup):
                     run()
