@@ -141,3 +141,11 @@ def test_entry_point_exit_code_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "missing.onnx" in proc.stderr
+
+
+def test_latency_table(capsys):
+    code, out, _ = run_cli(capsys, "latency", "--model", "zoo:tiny_resnet", "--input-size",
+                           "3,32,32", "--warmup", "1", "--repeats", "3")
+    assert code == 0
+    for row in ("layer1.0", "layer3.1", "outside blocks", "predicted sum", "measured network"):
+        assert row in out

@@ -156,7 +156,7 @@ def _report(a: argparse.Namespace) -> int:
 def _latency(a: argparse.Namespace) -> int:
     """Per-block latency table of a model on a target (no training)."""
     from archnet.blocks import find_blocks
-    from archnet.costs import BlockStub, outside_network
+    from archnet.costs import outside_network
     from archnet.models import load_model
     from archnet.targets import load_target
 
@@ -185,7 +185,6 @@ def _latency(a: argparse.Namespace) -> int:
     table.add_row("predicted sum", "", "", f"{outside + total:.4f}")
     table.add_row("measured network", "", "", f"{whole:.4f}")
     out.print(table)
-    del BlockStub
     return 0
 
 

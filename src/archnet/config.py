@@ -39,6 +39,7 @@ class ConvertConfig:
     macs_budget: str | None = None  # likewise ('0.5', '150M')
     blocks: str | None = None  # comma-separated block patterns; None: detect
     candidates: str = "*"  # comma-separated candidate name patterns
+    max_macs_ratio: float | None = 1.5  # drop candidates costlier than this x the teacher block
     heldout_fraction: float = 0.2  # unlabeled data kept out of training for scores and checks
     max_samples: int | None = None  # cap on the unlabeled training images (None: all)
     seed: int = 0

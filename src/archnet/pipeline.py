@@ -249,12 +249,17 @@ def _candidates(run: Run) -> dict[str, Any]:
         pool = build_pool(spec, run.teacher_block(spec), run.config.candidates.split(","))
         shape = (1, *spec.in_shape)
         kept = {}
+        teacher_macs = count_macs(pool["teacher"], spec.in_shape)
+        cap = run.config.max_macs_ratio
         for name, module in pool.items():
+            macs = count_macs(module, spec.in_shape)
             reason = rejects(run.target, module, shape)
+            if not reason and cap and name != "teacher" and macs > cap * max(teacher_macs, 1):
+                reason = f"{macs / max(teacher_macs, 1):.1f}x the teacher block's MACs (cap {cap})"
             if reason:
                 rejected.setdefault(spec.name, {})[name] = reason
                 continue
-            kept[name] = {"params": count_params(module), "macs": count_macs(module, spec.in_shape)}
+            kept[name] = {"params": count_params(module), "macs": macs}
         if not kept:
             raise ArchnetError(
                 f"block {spec.name}: no candidate runs on target {run.target.name}; "
