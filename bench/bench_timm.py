@@ -65,7 +65,7 @@ def main() -> None:
             f"{rep['teacher']['latency_ms']:.2f}", f"{rep['student']['latency_ms']:.2f}",
             f"{rep['speedup']:.2f}x", f"{100 * rep['prediction_error']:.0f}%",
         )
-    Console().print(table)
+    Console(width=220).print(table)
     print(f"run directories: {root}")
 
 
