@@ -18,8 +18,8 @@ from torch import nn
 from archnet.blocks import BlockSpec
 from archnet.candidates import build_pool
 from archnet.flops import count_macs, count_params
-from archnet.targets import LatencyCache, measure_cached
-from archnet.targets.latency import LatencyBackend
+from archnet.targets import LatencyCache
+from archnet.targets.latency import LatencyBackend, measure_cached_group
 
 
 class BlockStub(nn.Module):
@@ -61,33 +61,31 @@ def block_latency_table(
     """Measure every pooled candidate (cached), the outside parts and the whole teacher."""
     kw = {"warmup": cfg.warmup, "repeats": cfg.repeats}
     batch = input_shape[0]
-    overheads: dict[tuple[int, ...], float] = {}
-
-    def floor(shape: tuple[int, ...]) -> float:
-        if shape not in overheads:
-            overheads[shape] = backend.overhead_ms(shape, **kw)
-        return overheads[shape]
-
+    floors: dict[str, float] = {}
     hits = 0
     blocks: dict[str, dict[str, float]] = {}
+    teacher_blocks: dict[str, float] = {}
     for spec in specs:
         shape = (batch, *spec.in_shape)
-        pool = build_pool(spec, teacher.get_submodule(spec.name), pools[spec.name]["candidates"])
-        blocks[spec.name] = {}
-        for name, module in pool.items():
-            if name not in pools[spec.name]["candidates"]:
-                continue  # rejected by the target
-            ms, hit = measure_cached(backend, cache, module, shape, **kw)
-            hits += hit
-            blocks[spec.name][name] = max(ms - floor(shape), 0.0)
+        wanted = pools[spec.name]["candidates"]  # the target's rejections are already gone
+        # the teacher's block is always timed: it is the reference even where not allowed
+        pool = build_pool(spec, teacher.get_submodule(spec.name), wanted)
+        pool = {name: m for name, m in pool.items() if name in wanted or name == "teacher"}
+        net, floor, hit = measure_cached_group(backend, cache, pool, shape, cfg.rounds, **kw)
+        hits += hit
+        floors["x".join(map(str, shape))] = floor
+        teacher_blocks[spec.name] = net["teacher"]
+        blocks[spec.name] = {name: ms for name, ms in net.items() if name in wanted}
+        for _ in pool:
             on_done()
-    shell = outside_network(teacher, specs)
-    outside_ms, hit = measure_cached(backend, cache, shell, input_shape, **kw)
-    hits += hit
+    wholes = backend.measure_interleaved(
+        {"outside": (outside_network(teacher, specs), input_shape), "teacher": (teacher, input_shape)},
+        rounds=cfg.rounds, **kw,
+    )
+    outside_ms, teacher_ms = wholes["outside"], wholes["teacher"]
     on_done()
-    teacher_ms = backend.measure(teacher, input_shape, **kw)
     on_done()
-    predicted = outside_ms + sum(blocks[s.name]["teacher"] for s in specs if "teacher" in blocks[s.name])
+    predicted = outside_ms + sum(teacher_blocks.values())
     block_params = sum(count_params(teacher.get_submodule(s.name)) for s in specs)
     block_macs = sum(count_macs(teacher.get_submodule(s.name), s.in_shape) for s in specs)
     teacher_macs = count_macs(teacher, input_shape[1:])
@@ -98,8 +96,9 @@ def block_latency_table(
         "batch_size": batch,
         "input_shape": list(input_shape),
         "blocks": blocks,
+        "teacher_blocks": teacher_blocks,
         "outside_ms": outside_ms,
-        "overhead_ms": {"x".join(map(str, k)): v for k, v in overheads.items()},
+        "overhead_ms": floors,
         "teacher_ms": teacher_ms,
         "teacher_predicted_ms": predicted,
         "teacher_params": count_params(teacher),

@@ -363,10 +363,16 @@ def search_table(run: Run) -> SearchTable:
 
 
 def budgets(run: Run) -> dict[str, float]:
-    """The config's budgets in absolute units, relative ones against the measured teacher."""
+    """The config's budgets in absolute units.
+
+    A relative latency budget resolves against the teacher's latency in the same table (the
+    sum of its measured parts), so budget and candidates share one scale and the machine's
+    drift between two measurements cannot loosen or tighten the ratio.
+    """
     lat = _read_json(run.path("latency.json"))
     cfg = run.config
-    out = {"latency_ms": parse_budget(cfg.budget, "latency").resolve(lat["teacher_ms"])}
+    teacher_ms = lat["teacher_predicted_ms"]
+    out = {"latency_ms": parse_budget(cfg.budget, "latency").resolve(teacher_ms)}
     for key, text, ref in (("params", cfg.params_budget, lat["teacher_params"]),
                            ("macs", cfg.macs_budget, lat["teacher_macs"])):
         if text:
@@ -379,7 +385,7 @@ def _search(run: Run) -> dict[str, Any]:
     table = search_table(run)
     lat = _read_json(run.path("latency.json"))
     limits = budgets(run)
-    reference = {"latency_ms": lat["teacher_ms"], "params": lat["teacher_params"],
+    reference = {"latency_ms": lat["teacher_predicted_ms"], "params": lat["teacher_params"],
                  "macs": lat["teacher_macs"]}
     result = solve(table, limits, reference=reference)
     sweep = pareto_sweep(table, "latency_ms", extra_budgets=limits)

@@ -49,7 +49,7 @@ def build_report(run: Run) -> dict[str, Any]:
             "block": name,
             "choice": choice,
             "latency_ms": lat["blocks"][name][choice],
-            "teacher_latency_ms": lat["blocks"][name].get("teacher"),
+            "teacher_latency_ms": lat["teacher_blocks"][name],
             "kl": row["kl"],
             "val_nmse": row["val_nmse"],
             "pool_size": len(pools[name]["candidates"]),
