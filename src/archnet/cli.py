@@ -71,6 +71,14 @@ def print_summary(rep: dict, run_dir: Path) -> None:
                   f"{s['params'] / t['params']:.2f}")
     table.add_row("MACs", f"{t['macs']:,}", f"{s['macs']:,}", f"{s['macs'] / t['macs']:.2f}")
     out.print(table)
+    if rep.get("ablation"):
+        abl = Table(title="Arch-Distillation ablation (same student, same data)")
+        for col in ("variant", "top-1 (%)", "KL from teacher"):
+            abl.add_column(col, justify="left" if col == "variant" else "right")
+        for label, row in rep["ablation"].items():
+            top = row.get("top1")
+            abl.add_row(label, "n/a" if top is None else f"{top:.2f}", f"{row['kl']:.4f}")
+        out.print(abl)
     out.print(f"budget {rep['budget_spec']} -> {rep['budgets']['latency_ms']:.3f} ms; "
               f"{rep['search']['pool_size']} candidates, search space 10^"
               f"{rep['search']['space_log10']:.1f}; report: {run_dir / 'report.md'}")
@@ -192,8 +200,9 @@ def _latency(a: argparse.Namespace) -> int:
 def _check(a: argparse.Namespace) -> int:
     import onnx
 
+    """One line per broken operator or attribute rule; exit 1 if there is any (for CI)."""
     from archnet.targets import load_target
-    from archnet.targets.opset import check_model
+    from archnet.targets.opset import check_model, format_violation
 
     path = Path(a.model)
     if not path.is_file():
@@ -204,9 +213,10 @@ def _check(a: argparse.Namespace) -> int:
         raise ArchnetError(f"{path} is not a readable ONNX model") from None
     target = load_target(a.target)
     violations = check_model(model, target)
+    # plain print: rich would read "[from module]" as markup and wrap long lines
     for v in violations:
-        out.print(f"{path}: {v}")
-    out.print(f"{len(violations)} violation(s) of {target.name} in {len(model.graph.node)} nodes")
+        print(format_violation(v))
+    print(f"{len(violations)} violation(s) of {target.name} in {len(model.graph.node)} nodes")
     return 1 if violations else 0
 
 
@@ -216,7 +226,7 @@ def _targets(a: argparse.Namespace) -> int:
 
     table = Table(title="built-in targets")
     for col in ("name", "backend", "device", "threads", "batch", "operators", "description"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "name")
     for t in list_targets():
         ops = "all" if t.allowed_ops is None else ", ".join(sorted(t.allowed_ops))
         table.add_row(t.name, t.backend, t.device, str(t.threads), str(t.batch_size), ops,
@@ -229,7 +239,7 @@ def _targets(a: argparse.Namespace) -> int:
 def _demo(a: argparse.Namespace) -> int:
     from archnet.demo import run_demo
 
-    rep, run_dir = run_demo(Path(a.out), fast=a.fast)
+    rep, run_dir = run_demo(Path(a.out), fast=a.fast, target=a.target)
     print_summary(rep, run_dir)
     return 0
 
@@ -241,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train a small teacher on digits, convert it, print the table")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--fast", action="store_true", help="fewer epochs (for smoke tests)")
+    d.add_argument("--target", default="cpu-ort",
+                   help="cpu-ort (HANT search, the default) or archnet-5op (Arch-Net mode)")
 
     c = sub.add_parser("convert", help="convert a teacher into a student for a target")
     c.add_argument("--model", help="timm:NAME, zoo:NAME or package.module:factory")
@@ -285,9 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--warmup", type=int, default=10)
     lt.add_argument("--repeats", type=int, default=50)
 
-    k = sub.add_parser("check", help="check an ONNX model against a target's operator set")
-    k.add_argument("model")
-    k.add_argument("--target", required=True)
+    k = sub.add_parser(
+        "check", help="check an ONNX model against a target's operators and attribute rules"
+    )
+    k.add_argument("model", help="an .onnx file")
+    k.add_argument("--target", required=True, help="built-in target name or a .toml file")
 
     sub.add_parser("targets", help="list built-in targets")
     return p

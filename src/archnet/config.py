@@ -11,6 +11,7 @@ from typing import Any
 
 import tomli_w
 
+from archnet.distill.archnet import ArchDistillConfig
 from archnet.distill.blockwise import BlockwiseConfig
 from archnet.distill.finetune import FinetuneConfig
 from archnet.errors import ArchnetError
@@ -39,12 +40,19 @@ class ConvertConfig:
     macs_budget: str | None = None  # likewise ('0.5', '150M')
     blocks: str | None = None  # comma-separated block patterns; None: detect
     candidates: str = "*"  # comma-separated candidate name patterns
-    max_macs_ratio: float | None = 1.5  # drop candidates costlier than this x the teacher block
+    # drop candidates costlier than this x the teacher block's MACs; None: 1.5 in hant mode and
+    # off in archnet mode (dense 3x3 stand-ins for depthwise blocks cost more MACs by nature); 0: off
+    max_macs_ratio: float | None = None
+    # "hant": end-to-end KD fine-tune; "archnet": convert stem/head to the target's operators
+    # and train with Arch-Distillation; "auto": archnet when the target restricts operators
+    mode: str = "auto"
+    ablation: bool = False  # archnet mode: also train without TA / RFA / progressive schedule
     heldout_fraction: float = 0.2  # unlabeled data kept out of training for scores and checks
     max_samples: int | None = None  # cap on the unlabeled training images (None: all)
     seed: int = 0
     blockwise: BlockwiseConfig = field(default_factory=BlockwiseConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    arch: ArchDistillConfig = field(default_factory=ArchDistillConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
 
     def validate(self) -> None:
@@ -60,6 +68,8 @@ class ConvertConfig:
         patterns = [p.strip() for p in self.candidates.split(",") if p.strip() != "teacher"]
         if patterns:
             list_candidates(patterns)
+        if self.mode not in ("auto", "hant", "archnet"):
+            raise ArchnetError(f"mode {self.mode!r} is not one of auto, hant, archnet")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ArchnetError(f"heldout_fraction {self.heldout_fraction} must be in (0, 1)")
 

@@ -57,8 +57,14 @@ def block_latency_table(
     input_shape: tuple[int, ...],
     cfg: Any,
     on_done: Callable[[], None] = lambda: None,
+    shell: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Measure every pooled candidate (cached), the outside parts and the whole teacher."""
+    """Measure every pooled candidate (cached), the outside parts and the whole teacher.
+
+    ``shell`` is the network the student's blocks will sit in when it differs from the teacher
+    (Arch-Net mode converts the stem and head); its outside parts are the search's offset,
+    while the teacher's own outside parts stay the reference.
+    """
     kw = {"warmup": cfg.warmup, "repeats": cfg.repeats}
     batch = input_shape[0]
     floors: dict[str, float] = {}
@@ -78,17 +84,22 @@ def block_latency_table(
         blocks[spec.name] = {name: ms for name, ms in net.items() if name in wanted}
         for _ in pool:
             on_done()
-    wholes = backend.measure_interleaved(
-        {"outside": (outside_network(teacher, specs), input_shape), "teacher": (teacher, input_shape)},
-        rounds=cfg.rounds, **kw,
-    )
-    outside_ms, teacher_ms = wholes["outside"], wholes["teacher"]
+    items = {"teacher_outside": (outside_network(teacher, specs), input_shape),
+             "teacher": (teacher, input_shape)}
+    if shell is not None:
+        items["outside"] = (outside_network(shell, specs), input_shape)
+    wholes = backend.measure_interleaved(items, rounds=cfg.rounds, **kw)
+    outside_ms = wholes.get("outside", wholes["teacher_outside"])
+    teacher_ms = wholes["teacher"]
     on_done()
     on_done()
-    predicted = outside_ms + sum(teacher_blocks.values())
-    block_params = sum(count_params(teacher.get_submodule(s.name)) for s in specs)
-    block_macs = sum(count_macs(teacher.get_submodule(s.name), s.in_shape) for s in specs)
+    predicted = wholes["teacher_outside"] + sum(teacher_blocks.values())
     teacher_macs = count_macs(teacher, input_shape[1:])
+    base = shell if shell is not None else teacher
+    base_params = count_params(base) - sum(count_params(base.get_submodule(s.name)) for s in specs)
+    base_macs = count_macs(base, input_shape[1:]) - sum(
+        count_macs(base.get_submodule(s.name), s.in_shape) for s in specs
+    )
     return {
         "backend": backend.name,
         "device": backend.device,
@@ -98,13 +109,14 @@ def block_latency_table(
         "blocks": blocks,
         "teacher_blocks": teacher_blocks,
         "outside_ms": outside_ms,
+        "teacher_outside_ms": wholes["teacher_outside"],
         "overhead_ms": floors,
         "teacher_ms": teacher_ms,
         "teacher_predicted_ms": predicted,
         "teacher_params": count_params(teacher),
         "teacher_macs": teacher_macs,
-        "outside_params": count_params(teacher) - block_params,
-        "outside_macs": teacher_macs - block_macs,
+        "outside_params": base_params,
+        "outside_macs": base_macs,
         "cache_hits": hits,
     }
 

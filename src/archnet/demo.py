@@ -18,10 +18,20 @@ DEMO_CANDIDATES = (
 )
 
 
-def demo_config(fast: bool = False) -> ConvertConfig:
+# Arch-Net mode: only candidates built from the restricted operators (others would be rejected
+# by the target check anyway), plus skipping a block where shapes allow
+ARCHNET_CANDIDATES = ("archnet_*", "skip")
+
+
+def demo_config(fast: bool = False, target: str = "cpu-ort") -> ConvertConfig:
     """Settings sized so the whole demo fits in a few minutes on two CPU cores."""
-    cfg = ConvertConfig(model="zoo:tiny_effnet", data="digits", target="cpu-ort", budget="0.5",
-                        candidates=",".join(DEMO_CANDIDATES))
+    archnet = target == "archnet-5op"
+    cfg = ConvertConfig(model="zoo:tiny_effnet", data="digits", target=target,
+                        budget="1.0" if archnet else "0.5",
+                        candidates=",".join(ARCHNET_CANDIDATES if archnet else DEMO_CANDIDATES),
+                        ablation=archnet)
+    cfg.arch.epochs_per_stage = 0.25 if fast else 1.0
+    cfg.arch.global_epochs = 1 if fast else 6
     cfg.blockwise.epochs = 1 if fast else 3
     cfg.finetune.epochs = 1 if fast else 8
     # batch 8: on a ~1 ms network, batch-1 timings are dominated by per-call jitter
@@ -30,7 +40,9 @@ def demo_config(fast: bool = False) -> ConvertConfig:
     return cfg
 
 
-def run_demo(out: Path, fast: bool = False, seed: int = 0) -> tuple[dict[str, Any], Path]:
+def run_demo(
+    out: Path, fast: bool = False, seed: int = 0, target: str = "cpu-ort"
+) -> tuple[dict[str, Any], Path]:
     """Train (or reuse) the teacher, then convert it; returns (report, run directory)."""
     from archnet.zoo import demo_teacher, evaluate
 
@@ -49,7 +61,8 @@ def run_demo(out: Path, fast: bool = False, seed: int = 0) -> tuple[dict[str, An
         torch.save((train, heldout), data_file)
     console.print(f"  teacher held-out top-1 {evaluate(teacher, heldout):.2f}%")
     unlabeled = train.images  # the conversion never sees a label
-    run = create_run(teacher, unlabeled, demo_config(fast), out / "run", eval_data=heldout,
+    run_dir = out / ("run" if target == "cpu-ort" else f"run-{target}")
+    run = create_run(teacher, unlabeled, demo_config(fast, target), run_dir, eval_data=heldout,
                      resume=True)
     result = finish(run)
     return result.report, result.run_dir

@@ -151,6 +151,26 @@ class Run:
     def teacher_block(self, spec: BlockSpec) -> nn.Module:
         return self.teacher.get_submodule(spec.name)
 
+    @property
+    def mode(self) -> str:
+        """'archnet' when the target restricts operators (or when asked), else 'hant'."""
+        if self.config.mode != "auto":
+            return self.config.mode
+        restricted = self.target.allowed_ops is not None or bool(self.target.rules)
+        return "archnet" if restricted else "hant"
+
+    def shell(self) -> tuple[nn.Module, list[tuple[str, str, str]]]:
+        """The network the chosen blocks go into: the teacher, with its stem and head converted
+        to the target's operators in Arch-Net mode; and the conversions made."""
+        import copy
+
+        shell = copy.deepcopy(self.teacher)
+        if self.mode != "archnet":
+            return shell, []
+        from archnet.opconvert import convert_modules
+
+        return shell, convert_modules(shell, [s.name for s in self.specs])
+
 
 # --- creating a run --------------------------------------------------------------------------
 def _as_image_data(data: ImageData | torch.Tensor | str, config: ConvertConfig) -> ImageData:
@@ -251,6 +271,8 @@ def _candidates(run: Run) -> dict[str, Any]:
         kept = {}
         teacher_macs = count_macs(pool["teacher"], spec.in_shape)
         cap = run.config.max_macs_ratio
+        if cap is None:
+            cap = 1.5 if run.mode == "hant" else 0
         for name, module in pool.items():
             macs = count_macs(module, spec.in_shape)
             reason = rejects(run.target, module, shape)
@@ -283,10 +305,11 @@ def _latency(run: Run) -> dict[str, Any]:
         total = sum(len(p["candidates"]) for p in pools.values()) + 2
         task = bar.add_task(f"latency ({backend.name}, {backend.device}, "
                             f"{backend.threads} thread(s))", total=total)
+        shell, _ = run.shell()
         table = block_latency_table(
             backend, cache, run.teacher, run.specs, pools,
             (run.batch_size, *run.config.input_size), cfg,
-            on_done=lambda: bar.advance(task),
+            on_done=lambda: bar.advance(task), shell=shell,
         )
     _write_json(run.path("latency.json"), table)
     return {"teacher_ms": table["teacher_ms"], "predicted_teacher_ms": table["teacher_predicted_ms"],
@@ -413,26 +436,42 @@ def chosen(run: Run) -> SearchResult:
 @stage("assemble")
 def _assemble(run: Run) -> dict[str, Any]:
     """Build the student from the choices, then distill it end to end without labels."""
+    student, conversions = build_student(run)
+    before = evaluate(run, student)
+    history = train_student(run, student, run.config.arch, "end-to-end distillation")
+    torch.save(student, run.path("student.pt"))
+    return {"mode": run.mode, "conversions": conversions, "teacher": evaluate(run, run.teacher),
+            "before_finetune": before, "after_finetune": evaluate(run, student), "loss": history}
+
+
+def build_student(run: Run) -> tuple[nn.Module, list[tuple[str, str, str]]]:
+    """The shell with the chosen candidates (trained blockwise) swapped in, not yet fine-tuned."""
     result = chosen(run)
     jobs = {(j.spec.name, j.name): j for j in run.jobs()}
     replacements = {
         spec.name: load_candidate(jobs[(spec.name, name)], run.teacher_block(spec))[0]
-        for spec, name in zip(run.specs, result.names, strict=False)
+        for spec, name in zip(run.specs, result.names)
         if name != "teacher"
     }
-    student = assemble(run.teacher, replacements)
-    before = evaluate(run, student)
-    cfg = run.config.finetune
+    shell, conversions = run.shell()
+    return assemble(shell, replacements), conversions
+
+
+def train_student(run: Run, student: nn.Module, arch_cfg: Any, label: str) -> Any:
+    """End-to-end label-free training: KD fine-tune (HANT) or Arch-Distillation (Arch-Net)."""
     images = run.images("train")
-    steps = cfg.epochs * -(-len(images) // cfg.batch_size)
+    names = [s.name for s in run.specs]
     with progress_bar() as bar:
-        task = bar.add_task("end-to-end distillation", total=steps)
-        history = finetune(student, run.teacher, images, cfg, [s.name for s in run.specs],
-                           seed=run.config.seed, on_step=lambda _l: bar.advance(task))
-    torch.save(student, run.path("student.pt"))
-    after = evaluate(run, student)
-    return {"teacher": evaluate(run, run.teacher), "before_finetune": before,
-            "after_finetune": after, "loss": history}
+        if run.mode == "archnet":
+            from archnet.distill.archnet import arch_distill, total_steps
+
+            task = bar.add_task(label, total=total_steps(len(images), len(names), arch_cfg))
+            return arch_distill(student, run.teacher, images, names, arch_cfg,
+                                seed=run.config.seed, on_step=lambda _l: bar.advance(task))
+        cfg = run.config.finetune
+        task = bar.add_task(label, total=cfg.epochs * -(-len(images) // cfg.batch_size))
+        return finetune(student, run.teacher, images, cfg, names, seed=run.config.seed,
+                        on_step=lambda _l: bar.advance(task))
 
 
 def evaluate(run: Run, model: nn.Module) -> dict[str, float]:
@@ -454,6 +493,28 @@ def _export(run: Run) -> dict[str, Any]:
 
     student = torch.load(run.path("student.pt"), map_location="cpu", weights_only=False).eval()
     return export_and_measure(run, run.teacher, student)
+
+
+ABLATIONS = {
+    "without Teacher Attention": {"teacher_attention": False},
+    "without Residual Feature Adaptation": {"residual_adaptation": False},
+    "without the progressive schedule": {"progressive": False},
+}
+
+
+@stage("ablation")
+def _ablation(run: Run) -> dict[str, Any]:
+    """Arch-Net mode: the same student trained with each training-only helper switched off."""
+    if not run.config.ablation or run.mode != "archnet":
+        return {"skipped": True}
+    import dataclasses
+
+    rows = {"full method": run.state["done"]["assemble"]["after_finetune"]}
+    for label, switch in ABLATIONS.items():
+        student, _ = build_student(run)
+        train_student(run, student, dataclasses.replace(run.config.arch, **switch), label)
+        rows[label] = evaluate(run, student)
+    return {"rows": rows}
 
 
 @stage("report")

@@ -57,6 +57,9 @@ def build_report(run: Run) -> dict[str, Any]:
     proxies = _proxy_quality(scores)
     return {
         "model": run.config.model,
+        "mode": asm.get("mode", "hant"),
+        "conversions": asm.get("conversions", []),
+        "ablation": done.get("ablation", {}).get("rows"),
         "target": run.target.to_dict(),
         "budgets": search["budgets"],
         "budget_spec": search["budget_spec"],
@@ -117,6 +120,10 @@ def render_markdown(rep: dict[str, Any]) -> str:
     lines = [
         f"# archnet conversion report: {rep['model']}",
         "",
+        f"Mode: **{rep['mode']}** ("
+        + ("HANT/LANA search + end-to-end KD" if rep["mode"] == "hant"
+           else "Arch-Net: restricted operators, Arch-Distillation") + ").",
+        "",
         f"Target **{rep['target']['name']}**; latency on {lat['backend']} ({lat['device']}, "
         f"{lat['threads']} thread(s)), input {'x'.join(map(str, lat['input_shape']))}, teacher "
         "and student timed in the same run, interleaved.",
@@ -168,6 +175,15 @@ def render_markdown(rep: dict[str, Any]) -> str:
             f"{_fmt(p['spearman_val_nmse_vs_top1'], '.2f')}, replace-one-block KL "
             f"{_fmt(p['spearman_kl_vs_top1'], '.2f')}."
         )
+    if rep.get("conversions"):
+        lines += ["", "## Stem and head converted to the target's operators", "",
+                  "| module | was | now |", "|---|---|---|"]
+        lines += [f"| {n} | {a} | {b} |" for n, a, b in rep["conversions"]]
+    if rep.get("ablation"):
+        lines += ["", "## Ablation (Arch-Distillation, same data, same student)", "",
+                  "| variant | top-1 (%) | KL from teacher |", "|---|---:|---:|"]
+        for label, row in rep["ablation"].items():
+            lines.append(f"| {label} | {_fmt(row.get('top1'), '.2f')} | {row['kl']:.4f} |")
     o = rep["onnx"]
     lines += [
         "",

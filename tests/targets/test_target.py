@@ -8,8 +8,9 @@ import tomli_w
 from archnet.errors import ArchnetError
 from archnet.targets import Target, list_targets, load_target
 from archnet.targets.latency import LatencyBackend
+from archnet.targets.target import Rules
 
-BUILTINS = {"cpu-ort", "cpu-torch", "cuda-torch", "cuda-ort"}
+BUILTINS = {"cpu-ort", "cpu-torch", "cuda-torch", "cuda-ort", "archnet-5op"}
 
 GOOD = """
 name = "my-npu"
@@ -24,8 +25,14 @@ batch_size = 4
 [ops]
 allowed = ["Conv", "Relu", "Add"]
 
-[rules.Conv]
-kernel_shape = [[1, 1], [3, 3]]
+[rules]
+conv_kernel_shapes = [[1, 1], [3, 3]]
+conv_strides = [[1, 1], [2, 2]]
+conv_dilations = [[1, 1]]
+conv_groups = "depthwise"
+pool_kernel_shapes = [[2, 2]]
+pool_strides = [[2, 2]]
+max_channels = 512
 """
 
 
@@ -66,7 +73,16 @@ def test_user_toml_loads_and_round_trips(tmp_path: Path) -> None:
     )
     assert target.allowed_ops == frozenset({"Conv", "Relu", "Add"})
     assert target.allows("Conv") and not target.allows("Softmax")
-    assert target.rules == {"Conv": {"kernel_shape": [[1, 1], [3, 3]]}}
+    assert target.rules == Rules(
+        conv_kernel_shapes=((1, 1), (3, 3)),
+        conv_strides=((1, 1), (2, 2)),
+        conv_dilations=((1, 1),),
+        conv_groups="depthwise",
+        pool_kernel_shapes=((2, 2),),
+        pool_strides=((2, 2),),
+        max_channels=512,
+    )
+    assert target.to_dict()["rules"]["conv_kernel_shapes"] == [[1, 1], [3, 3]]
     assert target.source == str(path)
     again = load_target(write(tmp_path, tomli_w.dumps(target.to_dict()), "again.toml"))
     assert again == Target(**{**target.__dict__, "source": again.source})
@@ -123,7 +139,31 @@ MALFORMED = {
     "typo key": (GOOD.replace("threads = 2", "thread = 2"), "latency.thread"),
     "unknown top key": ("foo = 1\n" + GOOD, "unknown key foo"),
     "latency not a table": ('name = "x"\nlatency = 3\n', r"\[latency\]"),
-    "rules not a table": ("rules = 1\n" + GOOD.split("[rules.Conv]")[0], "rules must be"),
+    "rules not a table": ("rules = 1\n" + GOOD.split("[rules]")[0], "rules must be"),
+    "unknown rule": (GOOD.replace("max_channels", "max_chanels"), "unknown key rules.max_chanels"),
+    "kernel not pairs": (
+        GOOD.replace("[[1, 1], [3, 3]]", "[3, 3]"),
+        r"rules.conv_kernel_shapes must be a list of \[h, w\] pairs",
+    ),
+    "kernel triple": (GOOD.replace("[[1, 1], [3, 3]]", "[[3, 3, 3]]"), "rules.conv_kernel_shapes"),
+    "zero stride": (GOOD.replace("[[1, 1], [2, 2]]", "[[0, 1]]"), "rules.conv_strides"),
+    "dilations not a list": (GOOD.replace("[[1, 1]]", '"1x1"', 1), "rules.conv_dilations"),
+    "groups sometimes": (
+        GOOD.replace('"depthwise"', '"sometimes"'),
+        "rules.conv_groups must be one of dense, depthwise, any",
+    ),
+    "pool strides float": (
+        GOOD.replace("pool_strides = [[2, 2]]", "pool_strides = [[2.0, 2]]"),
+        "rules.pool_strides",
+    ),
+    "channels negative": (
+        GOOD.replace("max_channels = 512", "max_channels = -1"),
+        "rules.max_channels must be a positive integer",
+    ),
+    "channels bool": (
+        GOOD.replace("max_channels = 512", "max_channels = true"),
+        "rules.max_channels",
+    ),
 }
 
 
@@ -134,3 +174,54 @@ def test_malformed_names_key_and_file(tmp_path: Path, case: str) -> None:
     with pytest.raises(ArchnetError, match=pattern) as err:
         load_target(path)
     assert str(path) in str(err.value)
+
+
+def test_archnet_5op_profile() -> None:
+    target = load_target("archnet-5op")
+    assert "Arch-Net" in target.description
+    assert (target.backend, target.device, target.threads, target.batch_size) == (
+        "onnxruntime",
+        "cpu",
+        1,
+        1,
+    )
+    assert target.allowed_ops == frozenset(
+        {
+            "Conv",
+            "MaxPool",
+            "BatchNormalization",
+            "Gemm",
+            "Concat",
+            "Relu",
+            "GlobalAveragePool",
+            "Flatten",
+            "Reshape",
+        }
+    )
+    assert target.rules == Rules(
+        conv_kernel_shapes=((3, 3),),
+        conv_strides=((1, 1), (2, 2)),
+        conv_dilations=((1, 1),),
+        conv_groups="dense",
+        pool_kernel_shapes=((2, 2),),
+        pool_strides=((2, 2),),
+    )
+    assert target.rules and not load_target("cpu-ort").rules
+
+
+def test_rules_round_trip_keeps_unset_rules_out(tmp_path: Path) -> None:
+    text = GOOD.split("[rules]")[0] + '[rules]\nconv_groups = "any"\n'
+    target = load_target(write(tmp_path, text))
+    assert target.rules == Rules(conv_groups="any")
+    assert target.to_dict()["rules"] == {"conv_groups": "any"}
+    again = load_target(write(tmp_path, tomli_w.dumps(target.to_dict()), "again.toml"))
+    assert again.rules == target.rules
+    assert "rules" not in load_target("cpu-ort").to_dict()
+
+
+def test_every_rule_key_is_a_rules_field() -> None:
+    from dataclasses import fields
+
+    from archnet.targets.target import _RULES
+
+    assert set(_RULES) == {f.name for f in fields(Rules)}

@@ -121,11 +121,11 @@ def run_job(
     on_step: Callable[[], None] | None = None,
 ) -> dict:
     """Build, train and checkpoint one candidate; returns its metrics."""
-    torch.manual_seed(job.seed(base_seed))
-    module = build_candidate(job.name, job.spec, teacher_block)
     cache = FeatureCache(cache_root)
     x, y = cache.block("train", job.block_index)
     trained = job.name != "teacher"  # the teacher's own block is the reference: nothing to learn
+    module, init = _best_start(job, teacher_block, x, y, base_seed) if trained else (
+        build_candidate(job.name, job.spec, teacher_block), "teacher")
     history = train_block(module, x, y, cfg, job.seed(base_seed), on_step) if trained else []
     xv, yv = cache.block("heldout", job.block_index)
     metrics = {
@@ -133,6 +133,7 @@ def run_job(
         "candidate": job.name,
         "train_loss": history,
         "val_nmse": evaluate_nmse(module, xv, yv),
+        "init": init,
         "config": asdict(cfg),
     }
     job.path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,6 +141,25 @@ def run_job(
     torch.save({"state_dict": module.state_dict(), "metrics": metrics}, tmp)
     tmp.replace(job.path)  # atomic: a killed job leaves no half-written checkpoint
     return metrics
+
+
+def _best_start(
+    job: CandidateJob, teacher_block: nn.Module, x: np.ndarray, y: np.ndarray, base_seed: int
+) -> tuple[nn.Module, str]:
+    """The candidate from teacher weights or from random init, whichever starts closer.
+
+    Inheriting channel slices and kernel crops is a good start when the structures resemble
+    each other and a bad one when they do not (a dense 3x3 block seeded from a depthwise
+    block); one forward over a few features decides, per candidate.
+    """
+    probe = np.arange(min(len(x), 256))
+    starts = {}
+    for init, teacher in (("teacher", teacher_block), ("random", None)):
+        torch.manual_seed(job.seed(base_seed))
+        starts[init] = build_candidate(job.name, job.spec, teacher)
+    errors = {init: evaluate_nmse(m, x[: len(probe)], y[: len(probe)]) for init, m in starts.items()}
+    best = min(errors, key=errors.get)
+    return starts[best], best
 
 
 def _worker_init() -> None:

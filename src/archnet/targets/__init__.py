@@ -7,11 +7,12 @@ from archnet.targets.latency import (
     measure_cached,
     module_signature,
 )
-from archnet.targets.target import Target, list_targets, load_target
+from archnet.targets.target import Rules, Target, list_targets, load_target
 
 __all__ = [
     "LatencyBackend",
     "LatencyCache",
+    "Rules",
     "Target",
     "get_backend",
     "list_targets",

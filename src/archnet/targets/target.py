@@ -3,6 +3,10 @@
 A target is a small TOML profile so that a new chip is described by data, not code. Profiles
 are validated strictly: a typo in a key would otherwise silently fall back to a default and
 produce a search tuned for the wrong hardware.
+
+Besides the operator whitelist, a ``[rules]`` table restricts operator attributes, because
+NPUs that accept ``Conv`` often accept only some kernels, strides or group counts (Arch-Net:
+3x3 dense convolutions and 2x2 max-pooling).
 """
 
 from __future__ import annotations
@@ -19,11 +23,44 @@ import onnx
 from archnet.errors import ArchnetError
 from archnet.targets.latency import BACKENDS, LatencyBackend, get_backend
 
-__all__ = ["BUILTIN", "DEVICES", "Target", "list_targets", "load_target"]
+__all__ = ["BUILTIN", "CONV_GROUPS", "DEVICES", "Rules", "Target", "list_targets", "load_target"]
 
 BUILTIN = "built-in"
 DEVICES = ("cpu", "cuda")
 ALL_OPS = "*"
+# "dense": group must be 1; "depthwise": 1 or one group per input channel; "any": unchecked
+CONV_GROUPS = ("dense", "depthwise", "any")
+
+Pairs = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Attribute rules of a target; None means the rule is not enforced.
+
+    Tuples rather than lists so that targets stay hashable and compare equal after a round
+    trip through TOML.
+    """
+
+    conv_kernel_shapes: Pairs | None = None
+    conv_strides: Pairs | None = None
+    conv_dilations: Pairs | None = None
+    conv_groups: str | None = None
+    pool_kernel_shapes: Pairs | None = None
+    pool_strides: Pairs | None = None
+    max_channels: int | None = None
+
+    def __bool__(self) -> bool:
+        """True when any rule is set, so callers can skip attribute checks on open targets."""
+        return bool(self.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The rules that are set, TOML-shaped (lists, not tuples)."""
+        return {
+            key: _RULES[key].unconvert(value)
+            for key, value in vars(self).items()
+            if value is not None
+        }
 
 
 @dataclass(frozen=True)
@@ -37,7 +74,7 @@ class Target:
     threads: int
     batch_size: int = 1
     allowed_ops: frozenset[str] | None = None
-    rules: dict[str, Any] = field(default_factory=dict)
+    rules: Rules = field(default_factory=Rules)
     source: str = BUILTIN
 
     def allows(self, op_type: str) -> bool:
@@ -64,7 +101,7 @@ class Target:
             "ops": {"allowed": allowed},
         }
         if self.rules:
-            data["rules"] = dict(self.rules)
+            data["rules"] = self.rules.to_dict()
         return data
 
     @classmethod
@@ -99,33 +136,106 @@ def _is_backend(value: object) -> bool:
     return value in BACKENDS
 
 
+def _is_pair_list(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(pair, list) and len(pair) == 2 and all(_is_positive_int(v) for v in pair)
+        for pair in value
+    )
+
+
+def _is_conv_groups(value: object) -> bool:
+    return value in CONV_GROUPS
+
+
 def _is_op_list(value: object) -> bool:
     return value == ALL_OPS or (
         isinstance(value, list) and all(isinstance(op, str) and op for op in value)
     )
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
 @dataclass(frozen=True)
 class _Kind:
-    """How one kind of value is checked, described in errors, and turned into a field."""
+    """How one kind of value is checked, described in errors, and turned into a field.
+
+    ``inner`` checks what ``check`` cannot describe in one phrase (unknown op names, rule keys)
+    and raises with the offending sub-key; ``unconvert`` turns the field back into TOML data.
+    """
 
     check: Callable[[object], bool]
     describe: Callable[[], str]
-    convert: Callable[[Any], Any] = lambda value: value
+    convert: Callable[[Any], Any] = _same
+    inner: Callable[[Any, str], None] | None = None
+    unconvert: Callable[[Any], Any] = _same
 
 
 def _to_ops(value: str | list[str]) -> frozenset[str] | None:
     return None if value == ALL_OPS else frozenset(value)
 
 
+def _to_pairs(value: list[list[int]]) -> Pairs:
+    return tuple((int(a), int(b)) for a, b in value)
+
+
+def _from_pairs(value: Pairs) -> list[list[int]]:
+    return [list(pair) for pair in value]
+
+
+def _to_rules(value: dict[str, Any]) -> Rules:
+    return Rules(**{key: _RULES[key].convert(item) for key, item in value.items()})
+
+
+def _check_op_names(value: str | list[str], source: str) -> None:
+    """Catch PyTorch class names (``Conv2d``) where ONNX op types (``Conv``) are expected."""
+    if value == ALL_OPS:
+        return
+    unknown = [op for op in value if not onnx.defs.has(op)]
+    if unknown:
+        raise _fail(source, f"ops.allowed has unknown ONNX op types: {', '.join(unknown)}")
+
+
+def _check_rules(value: dict[str, Any], source: str) -> None:
+    """Each rule key must be known and hold the right kind of value."""
+    for key, item in value.items():
+        kind = _RULES.get(key)
+        if kind is None:
+            raise _fail(source, f"unknown key rules.{key} (known: {', '.join(sorted(_RULES))})")
+        if not kind.check(item):
+            raise _fail(source, f"rules.{key} must be {kind.describe()} (got {item!r})")
+
+
+_PAIRS = _Kind(
+    _is_pair_list,
+    lambda: "a list of [h, w] pairs of positive integers",
+    _to_pairs,
+    unconvert=_from_pairs,
+)
+
+# The [rules] table: key -> kind; Rules has one field per key.
+_RULES: dict[str, _Kind] = {
+    "conv_kernel_shapes": _PAIRS,
+    "conv_strides": _PAIRS,
+    "conv_dilations": _PAIRS,
+    "conv_groups": _Kind(_is_conv_groups, lambda: f"one of {', '.join(CONV_GROUPS)}"),
+    "pool_kernel_shapes": _PAIRS,
+    "pool_strides": _PAIRS,
+    "max_channels": _Kind(_is_positive_int, lambda: "a positive integer"),
+}
+
+
 _KINDS: dict[str, _Kind] = {
     "text": _Kind(_is_str, lambda: "a string"),
     "name": _Kind(_is_name, lambda: "a non-empty string"),
     "count": _Kind(_is_positive_int, lambda: "a positive integer"),
-    "table": _Kind(_is_table, lambda: "a table", dict),
     "device": _Kind(_is_device, lambda: f"one of {', '.join(DEVICES)}"),
     "backend": _Kind(_is_backend, lambda: f"a known backend ({', '.join(sorted(BACKENDS))})"),
-    "ops": _Kind(_is_op_list, lambda: f'"{ALL_OPS}" or a list of ONNX op types', _to_ops),
+    "ops": _Kind(
+        _is_op_list, lambda: f'"{ALL_OPS}" or a list of ONNX op types', _to_ops, _check_op_names
+    ),
+    "rules": _Kind(_is_table, lambda: "a table", _to_rules, _check_rules),
 }
 
 _REQUIRED = object()
@@ -147,7 +257,7 @@ _FIELDS = (
     _Field("latency.threads", "threads", "count", 1),
     _Field("latency.batch_size", "batch_size", "count", 1),
     _Field("ops.allowed", "allowed_ops", "ops", ALL_OPS),
-    _Field("rules", "rules", "table", {}),
+    _Field("rules", "rules", "rules", {}),
 )
 
 # Keys accepted but not turned into fields ("source" is written by to_dict for provenance).
@@ -185,18 +295,9 @@ def _read(data: Mapping[str, Any], spec: _Field, source: str) -> Any:
     kind = _KINDS[spec.kind]
     if not kind.check(node):
         raise _fail(source, f"{spec.key} must be {kind.describe()} (got {node!r})")
-    if spec.kind == "ops":
-        _check_op_names(node, source)
+    if kind.inner is not None:
+        kind.inner(node, source)
     return kind.convert(node)
-
-
-def _check_op_names(value: str | list[str], source: str) -> None:
-    """Catch PyTorch class names (``Conv2d``) where ONNX op types (``Conv``) are expected."""
-    if value == ALL_OPS:
-        return
-    unknown = [op for op in value if not onnx.defs.has(op)]
-    if unknown:
-        raise _fail(source, f"ops.allowed has unknown ONNX op types: {', '.join(unknown)}")
 
 
 def _profiles() -> dict[str, Any]:
