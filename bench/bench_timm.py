@@ -39,12 +39,32 @@ def main() -> None:
     p.add_argument("--out", default=None, help="keep run directories here (default: temporary)")
     a = p.parse_args()
 
-    stage_names = ["features", "candidates", "latency", "distill", "score", "search",
-                   "assemble", "export", "report"]
-    table = Table(title=f"archnet end to end on timm models ({a.size}x{a.size}, {a.images} "
-                        f"random images, budget {a.budget}, target {a.target})")
-    for col in ["model", "blocks", "pool", "space", *stage_names, "teacher ms", "student ms",
-                "speedup", "pred. err"]:
+    stage_names = [
+        "features",
+        "candidates",
+        "latency",
+        "distill",
+        "score",
+        "search",
+        "assemble",
+        "export",
+        "report",
+    ]
+    table = Table(
+        title=f"archnet end to end on timm models ({a.size}x{a.size}, {a.images} "
+        f"random images, budget {a.budget}, target {a.target})"
+    )
+    for col in [
+        "model",
+        "blocks",
+        "pool",
+        "space",
+        *stage_names,
+        "teacher ms",
+        "student ms",
+        "speedup",
+        "pred. err",
+    ]:
         table.add_column(col, justify="left" if col == "model" else "right")
     root = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="archnet-bench-"))
     for name in a.models:
@@ -54,16 +74,27 @@ def main() -> None:
         cfg.blockwise.epochs, cfg.blockwise.batch_size = 1, 32
         cfg.finetune.epochs, cfg.finetune.batch_size = 1, 32
         cfg.latency.repeats = 20
-        result = convert(teacher, smooth_images(a.images, a.size), target=a.target,
-                         budget=a.budget, out=root / name, config=cfg, resume=True)
+        result = convert(
+            teacher,
+            smooth_images(a.images, a.size),
+            target=a.target,
+            budget=a.budget,
+            out=root / name,
+            config=cfg,
+            resume=True,
+        )
         rep = result.report
         secs = rep["stage_seconds"]
         table.add_row(
-            name, str(len(rep["blocks"])), str(rep["search"]["pool_size"]),
+            name,
+            str(len(rep["blocks"])),
+            str(rep["search"]["pool_size"]),
             f"10^{rep['search']['space_log10']:.0f}",
             *[f"{secs.get(s, 0):.0f}" for s in stage_names],
-            f"{rep['teacher']['latency_ms']:.2f}", f"{rep['student']['latency_ms']:.2f}",
-            f"{rep['speedup']:.2f}x", f"{100 * rep['prediction_error']:.0f}%",
+            f"{rep['teacher']['latency_ms']:.2f}",
+            f"{rep['student']['latency_ms']:.2f}",
+            f"{rep['speedup']:.2f}x",
+            f"{100 * rep['prediction_error']:.0f}%",
         )
     Console(width=220).print(table)
     print(f"run directories: {root}")

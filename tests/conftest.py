@@ -41,5 +41,6 @@ def finished_run(tmp_path_factory, tiny_teacher, tiny_images):
     from archnet.data import ImageData
 
     eval_data = ImageData(tiny_images[:16], labels[:16], None, "test")
-    return convert(tiny_teacher, tiny_images, budget=0.7, out=out, eval_data=eval_data,
-                   config=tiny_config())
+    return convert(
+        tiny_teacher, tiny_images, budget=0.7, out=out, eval_data=eval_data, config=tiny_config()
+    )

@@ -34,17 +34,36 @@ def resnet_ckpt(tmp_path):
 
 
 def test_missing_checkpoint(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "convert", "--model", "zoo:tiny_resnet", "--checkpoint",
-                           str(tmp_path / "nope.pth"), "--data", "digits", "--out",
-                           str(tmp_path / "r"))
+    code, _, err = run_cli(
+        capsys,
+        "convert",
+        "--model",
+        "zoo:tiny_resnet",
+        "--checkpoint",
+        str(tmp_path / "nope.pth"),
+        "--data",
+        "digits",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert_one_line_error(code, err, "nope.pth", "does not exist")
 
 
 def test_checkpoint_that_does_not_fit(capsys, tmp_path):
     path = tmp_path / "effnet.pth"
     torch.save(create_model("tiny_effnet", num_classes=10).state_dict(), path)
-    code, _, err = run_cli(capsys, "convert", "--model", "zoo:tiny_resnet", "--checkpoint",
-                           str(path), "--data", "digits", "--out", str(tmp_path / "r"))
+    code, _, err = run_cli(
+        capsys,
+        "convert",
+        "--model",
+        "zoo:tiny_resnet",
+        "--checkpoint",
+        str(path),
+        "--data",
+        "digits",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert_one_line_error(code, err, "does not fit")
 
 
@@ -62,16 +81,35 @@ def test_model_without_blocks(capsys, tmp_path, monkeypatch):
         "    return Flat()\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    code, _, err = run_cli(capsys, "convert", "--model", "flatmodel:make", "--data", "digits",
-                           "--out", str(tmp_path / "r"))
+    code, _, err = run_cli(
+        capsys,
+        "convert",
+        "--model",
+        "flatmodel:make",
+        "--data",
+        "digits",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert_one_line_error(code, err, "no recognisable blocks", "--blocks")
 
 
 def test_empty_data_folder(capsys, tmp_path, resnet_ckpt):
     (tmp_path / "images").mkdir()
-    code, _, err = run_cli(capsys, "convert", "--model", "zoo:tiny_resnet", "--checkpoint",
-                           str(resnet_ckpt), "--data", str(tmp_path / "images"), "--input-size",
-                           "3,32,32", "--out", str(tmp_path / "r"))
+    code, _, err = run_cli(
+        capsys,
+        "convert",
+        "--model",
+        "zoo:tiny_resnet",
+        "--checkpoint",
+        str(resnet_ckpt),
+        "--data",
+        str(tmp_path / "images"),
+        "--input-size",
+        "3,32,32",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert_one_line_error(code, err, "images")
 
 
@@ -79,23 +117,56 @@ def test_unreadable_image(capsys, tmp_path, resnet_ckpt):
     folder = tmp_path / "images"
     folder.mkdir()
     (folder / "broken.png").write_bytes(b"not a png")
-    code, _, err = run_cli(capsys, "convert", "--model", "zoo:tiny_resnet", "--checkpoint",
-                           str(resnet_ckpt), "--data", str(folder), "--input-size", "3,32,32",
-                           "--out", str(tmp_path / "r"))
+    code, _, err = run_cli(
+        capsys,
+        "convert",
+        "--model",
+        "zoo:tiny_resnet",
+        "--checkpoint",
+        str(resnet_ckpt),
+        "--data",
+        str(folder),
+        "--input-size",
+        "3,32,32",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert_one_line_error(code, err, "broken.png")
 
 
 def test_unknown_target(capsys, tmp_path, resnet_ckpt):
-    code, _, err = run_cli(capsys, "convert", "--model", "zoo:tiny_resnet", "--checkpoint",
-                           str(resnet_ckpt), "--data", "digits", "--target", "tpu-v9",
-                           "--out", str(tmp_path / "r"))
+    code, _, err = run_cli(
+        capsys,
+        "convert",
+        "--model",
+        "zoo:tiny_resnet",
+        "--checkpoint",
+        str(resnet_ckpt),
+        "--data",
+        "digits",
+        "--target",
+        "tpu-v9",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert_one_line_error(code, err, "tpu-v9")
 
 
 def test_bad_budget(capsys, tmp_path, resnet_ckpt):
-    code, _, err = run_cli(capsys, "convert", "--model", "zoo:tiny_resnet", "--checkpoint",
-                           str(resnet_ckpt), "--data", "digits", "--budget", "fast",
-                           "--out", str(tmp_path / "r"))
+    code, _, err = run_cli(
+        capsys,
+        "convert",
+        "--model",
+        "zoo:tiny_resnet",
+        "--checkpoint",
+        str(resnet_ckpt),
+        "--data",
+        "digits",
+        "--budget",
+        "fast",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert_one_line_error(code, err, "fast")
 
 
@@ -126,17 +197,27 @@ def test_not_a_run_directory(capsys, tmp_path):
 
 
 def test_check_onnx(capsys, finished_run):
-    code, out, _ = run_cli(capsys, "check", str(finished_run.run_dir / "student.onnx"),
-                           "--target", "cpu-ort")
+    code, out, _ = run_cli(
+        capsys, "check", str(finished_run.run_dir / "student.onnx"), "--target", "cpu-ort"
+    )
     assert code == 0
     assert "0 violation(s)" in out
 
 
 def test_entry_point_exit_code_without_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "archnet.cli", "check", str(tmp_path / "missing.onnx"),
-         "--target", "cpu-ort"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "archnet.cli",
+            "check",
+            str(tmp_path / "missing.onnx"),
+            "--target",
+            "cpu-ort",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -144,8 +225,18 @@ def test_entry_point_exit_code_without_traceback(tmp_path):
 
 
 def test_latency_table(capsys):
-    code, out, _ = run_cli(capsys, "latency", "--model", "zoo:tiny_resnet", "--input-size",
-                           "3,32,32", "--warmup", "1", "--repeats", "3")
+    code, out, _ = run_cli(
+        capsys,
+        "latency",
+        "--model",
+        "zoo:tiny_resnet",
+        "--input-size",
+        "3,32,32",
+        "--warmup",
+        "1",
+        "--repeats",
+        "3",
+    )
     assert code == 0
     for row in ("layer1.0", "layer3.1", "outside blocks", "predicted sum", "measured network"):
         assert row in out

@@ -7,8 +7,18 @@ import torch
 from archnet.pipeline import STAGES, convert, create_run, open_run, run_stages
 from tests.conftest import tiny_config
 
-REQUIRED_FILES = ["config.toml", "latency.sqlite", "search.json", "student.pt", "student.onnx",
-                  "teacher.onnx", "report.md", "report.json", "pareto.png", "blocks.png"]
+REQUIRED_FILES = [
+    "config.toml",
+    "latency.sqlite",
+    "search.json",
+    "student.pt",
+    "student.onnx",
+    "teacher.onnx",
+    "report.md",
+    "report.json",
+    "pareto.png",
+    "blocks.png",
+]
 
 
 def test_run_directory_holds_every_artifact(finished_run):
@@ -22,7 +32,9 @@ def test_report_has_required_keys_and_consistent_numbers(finished_run):
     rep = json.loads((finished_run.run_dir / "report.json").read_text())
     for key in ("latency_ms", "predicted_latency_ms", "sum_of_parts_ms", "top1"):
         assert key in rep["teacher"] and key in rep["student"]
-    assert rep["speedup"] == pytest.approx(rep["teacher"]["latency_ms"] / rep["student"]["latency_ms"])
+    assert rep["speedup"] == pytest.approx(
+        rep["teacher"]["latency_ms"] / rep["student"]["latency_ms"]
+    )
     assert rep["student"]["predicted_latency_ms"] <= rep["budgets"]["latency_ms"] + 1e-9
     assert rep["onnx"]["student_max_abs_diff"] < 1e-3
     assert set(rep["stage_seconds"]) >= set(STAGES) - {"report"}  # written by the report itself
@@ -73,8 +85,12 @@ def test_search_resolves_without_retraining(finished_run, tmp_path):
     run.invalidate("search")
     run_stages(run, until="search")
     tight = json.loads((copy / "search.json").read_text())["result"]
-    assert tight["budgets"]["latency_ms"] >= json.loads(
-        (finished_run.run_dir / "search.json").read_text())["result"]["budgets"]["latency_ms"]
+    assert (
+        tight["budgets"]["latency_ms"]
+        >= json.loads((finished_run.run_dir / "search.json").read_text())["result"]["budgets"][
+            "latency_ms"
+        ]
+    )
     assert "assemble" not in run.state["done"]
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
 
@@ -83,5 +99,6 @@ def test_infeasible_budget_names_the_minimum(tiny_teacher, tiny_images, tmp_path
     from archnet.errors import ArchnetError
 
     with pytest.raises(ArchnetError, match="infeasible"):
-        convert(tiny_teacher, tiny_images, budget="0.0001ms", out=tmp_path / "r",
-                config=tiny_config())
+        convert(
+            tiny_teacher, tiny_images, budget="0.0001ms", out=tmp_path / "r", config=tiny_config()
+        )

@@ -174,7 +174,9 @@ class FeatureCache:
 
     def exists(self, split: str, n_blocks: int) -> bool:
         return self.path(split, "logits").exists() and all(
-            self.path(split, f"{i:03d}_{k}").exists() for i in range(n_blocks) for k in ("in", "out")
+            self.path(split, f"{i:03d}_{k}").exists()
+            for i in range(n_blocks)
+            for k in ("in", "out")
         )
 
     def write(
@@ -209,10 +211,12 @@ class FeatureCache:
         handles = []
         for i, s in enumerate(specs):
             block = model.get_submodule(s.name)
-            handles.append(block.register_forward_pre_hook(
-                lambda _m, args, i=i: store(i, "in", args[0])))
-            handles.append(block.register_forward_hook(
-                lambda _m, _args, out, i=i: store(i, "out", out)))
+            handles.append(
+                block.register_forward_pre_hook(lambda _m, args, i=i: store(i, "in", args[0]))
+            )
+            handles.append(
+                block.register_forward_hook(lambda _m, _args, out, i=i: store(i, "out", out))
+            )
         task = progress.add_task(f"teacher features ({split})", total=n) if progress else None
         try:
             model.eval()

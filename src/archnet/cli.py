@@ -50,25 +50,42 @@ def print_summary(rep: dict, run_dir: Path) -> None:
     """The teacher-vs-student table every conversion ends with."""
     t, s = rep["teacher"], rep["student"]
     lat = rep["latency"]
-    table = Table(title=f"archnet: {rep['model']} on {rep['target']['name']} "
-                        f"({lat['backend']}, {lat['threads']} thread(s), batch {lat['input_shape'][0]})")
+    table = Table(
+        title=f"archnet: {rep['model']} on {rep['target']['name']} "
+        f"({lat['backend']}, {lat['threads']} thread(s), batch {lat['input_shape'][0]})"
+    )
     table.add_column("")
     table.add_column("teacher", justify="right")
     table.add_column("student", justify="right")
     table.add_column("student / teacher", justify="right")
-    table.add_row("latency, measured (ms)", f"{t['latency_ms']:.3f}", f"{s['latency_ms']:.3f}",
-                  f"{1 / rep['speedup']:.2f} ({rep['speedup']:.2f}x faster)")
-    table.add_row("latency, sum of parts (ms)", f"{t['sum_of_parts_ms']:.3f}",
-                  f"{s['sum_of_parts_ms']:.3f}",
-                  f"prediction error {100 * rep['prediction_error']:.1f}%")
-    table.add_row("latency, search table (ms)", f"{t['predicted_latency_ms']:.3f}",
-                  f"{s['predicted_latency_ms']:.3f}",
-                  f"error {100 * rep['table_prediction_error']:.1f}% (incl. drift)")
+    table.add_row(
+        "latency, measured (ms)",
+        f"{t['latency_ms']:.3f}",
+        f"{s['latency_ms']:.3f}",
+        f"{1 / rep['speedup']:.2f} ({rep['speedup']:.2f}x faster)",
+    )
+    table.add_row(
+        "latency, sum of parts (ms)",
+        f"{t['sum_of_parts_ms']:.3f}",
+        f"{s['sum_of_parts_ms']:.3f}",
+        f"prediction error {100 * rep['prediction_error']:.1f}%",
+    )
+    table.add_row(
+        "latency, search table (ms)",
+        f"{t['predicted_latency_ms']:.3f}",
+        f"{s['predicted_latency_ms']:.3f}",
+        f"error {100 * rep['table_prediction_error']:.1f}% (incl. drift)",
+    )
     if "top1" in s:
-        table.add_row("top-1 held-out (%)", f"{t['top1']:.2f}", f"{s['top1']:.2f}",
-                      f"{s['top1'] - t['top1']:+.2f} points")
-    table.add_row("parameters", f"{t['params']:,}", f"{s['params']:,}",
-                  f"{s['params'] / t['params']:.2f}")
+        table.add_row(
+            "top-1 held-out (%)",
+            f"{t['top1']:.2f}",
+            f"{s['top1']:.2f}",
+            f"{s['top1'] - t['top1']:+.2f} points",
+        )
+    table.add_row(
+        "parameters", f"{t['params']:,}", f"{s['params']:,}", f"{s['params'] / t['params']:.2f}"
+    )
     table.add_row("MACs", f"{t['macs']:,}", f"{s['macs']:,}", f"{s['macs'] / t['macs']:.2f}")
     out.print(table)
     if rep.get("ablation"):
@@ -79,9 +96,11 @@ def print_summary(rep: dict, run_dir: Path) -> None:
             top = row.get("top1")
             abl.add_row(label, "n/a" if top is None else f"{top:.2f}", f"{row['kl']:.4f}")
         out.print(abl)
-    out.print(f"budget {rep['budget_spec']} -> {rep['budgets']['latency_ms']:.3f} ms; "
-              f"{rep['search']['pool_size']} candidates, search space 10^"
-              f"{rep['search']['space_log10']:.1f}; report: {run_dir / 'report.md'}")
+    out.print(
+        f"budget {rep['budget_spec']} -> {rep['budgets']['latency_ms']:.3f} ms; "
+        f"{rep['search']['pool_size']} candidates, search space 10^"
+        f"{rep['search']['space_log10']:.1f}; report: {run_dir / 'report.md'}"
+    )
 
 
 @command("convert")
@@ -100,8 +119,17 @@ def _convert(a: argparse.Namespace) -> int:
     model = load_model(a.model, a.checkpoint)
     cfg.model, cfg.checkpoint, cfg.data = a.model, a.checkpoint, a.data
     cfg.input_size = _input_size(a.input_size) or _default_input_size(model, a.data)
-    for key in ("target", "budget", "params_budget", "macs_budget", "blocks", "candidates",
-                "eval_data", "seed", "max_samples"):
+    for key in (
+        "target",
+        "budget",
+        "params_budget",
+        "macs_budget",
+        "blocks",
+        "candidates",
+        "eval_data",
+        "seed",
+        "max_samples",
+    ):
         if getattr(a, key) is not None:
             setattr(cfg, key, getattr(a, key))
     if a.epochs is not None:
@@ -121,8 +149,10 @@ def _search(a: argparse.Namespace) -> int:
 
     run = open_run(a.run)
     if "score" not in run.state["done"]:
-        raise ArchnetError(f"{a.run} has no scored candidates yet; finish it with "
-                           f"`archnet convert --resume --out {a.run}`")
+        raise ArchnetError(
+            f"{a.run} has no scored candidates yet; finish it with "
+            f"`archnet convert --resume --out {a.run}`"
+        )
     if a.budget is not None:
         run.config.budget = a.budget
     for key in ("params_budget", "macs_budget"):
@@ -134,8 +164,10 @@ def _search(a: argparse.Namespace) -> int:
     from archnet.pipeline import run_stages
 
     run_stages(run, until="search")
-    out.print(f"re-solved {a.run}; run `archnet export --run {a.run}` to assemble, fine-tune "
-              "and export the new student")
+    out.print(
+        f"re-solved {a.run}; run `archnet export --run {a.run}` to assemble, fine-tune "
+        "and export the new student"
+    )
     return 0
 
 
@@ -155,7 +187,9 @@ def _report(a: argparse.Namespace) -> int:
     run = open_run(a.run)
     path = run.path("report.json")
     if "report" not in run.state["done"]:  # absent, or stale after `archnet search`
-        raise ArchnetError(f"{a.run} has no report yet; finish it with `archnet export --run {a.run}`")
+        raise ArchnetError(
+            f"{a.run} has no report yet; finish it with `archnet export --run {a.run}`"
+        )
     print_summary(json.loads(path.read_text()), run.root)
     return 0
 
@@ -175,18 +209,23 @@ def _latency(a: argparse.Namespace) -> int:
     batch = a.batch_size or target.batch_size
     specs = find_blocks(model, size, a.blocks)
     kw = {"warmup": a.warmup, "repeats": a.repeats}
-    table = Table(title=f"{a.model} {'x'.join(map(str, (batch, *size)))} on {target.name} "
-                        f"({backend.name}, {backend.device}, {backend.threads} thread(s))")
+    table = Table(
+        title=f"{a.model} {'x'.join(map(str, (batch, *size)))} on {target.name} "
+        f"({backend.name}, {backend.device}, {backend.threads} thread(s))"
+    )
     for col in ("block", "input", "output", "ms"):
         table.add_column(col, justify="right" if col == "ms" else "left")
     total = 0.0
     for s in specs:
         shape = (batch, *s.in_shape)
-        ms = max(backend.measure(model.get_submodule(s.name), shape, **kw)
-                 - backend.overhead_ms(shape), 0.0)
+        ms = max(
+            backend.measure(model.get_submodule(s.name), shape, **kw) - backend.overhead_ms(shape),
+            0.0,
+        )
         total += ms
-        table.add_row(s.name, "x".join(map(str, s.in_shape)), "x".join(map(str, s.out_shape)),
-                      f"{ms:.4f}")
+        table.add_row(
+            s.name, "x".join(map(str, s.in_shape)), "x".join(map(str, s.out_shape)), f"{ms:.4f}"
+        )
     outside = backend.measure(outside_network(model, specs), (batch, *size), **kw)
     whole = backend.measure(model, (batch, *size), **kw)
     table.add_row("(outside blocks)", "", "", f"{outside:.4f}")
@@ -229,8 +268,9 @@ def _targets(a: argparse.Namespace) -> int:
         table.add_column(col, no_wrap=col == "name")
     for t in list_targets():
         ops = "all" if t.allowed_ops is None else ", ".join(sorted(t.allowed_ops))
-        table.add_row(t.name, t.backend, t.device, str(t.threads), str(t.batch_size), ops,
-                      t.description)
+        table.add_row(
+            t.name, t.backend, t.device, str(t.threads), str(t.batch_size), ops, t.description
+        )
     out.print(table)
     return 0
 
@@ -251,8 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train a small teacher on digits, convert it, print the table")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--fast", action="store_true", help="fewer epochs (for smoke tests)")
-    d.add_argument("--target", default="cpu-ort",
-                   help="cpu-ort (HANT search, the default) or archnet-5op (Arch-Net mode)")
+    d.add_argument(
+        "--target",
+        default="cpu-ort",
+        help="cpu-ort (HANT search, the default) or archnet-5op (Arch-Net mode)",
+    )
 
     c = sub.add_parser("convert", help="convert a teacher into a student for a target")
     c.add_argument("--model", help="timm:NAME, zoo:NAME or package.module:factory")
@@ -262,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--input-size", help="C,H,W (default: the model's, e.g. timm's pretrained cfg)")
     c.add_argument("--target", help="built-in target name or a .toml file (default cpu-ort)")
     c.add_argument("--budget", help="latency budget: fraction of the teacher ('0.5') or '2.5ms'")
-    c.add_argument("--params-budget", help="fraction of the teacher's parameters or a count ('1.5M')")
+    c.add_argument(
+        "--params-budget", help="fraction of the teacher's parameters or a count ('1.5M')"
+    )
     c.add_argument("--macs-budget", help="fraction of the teacher's MACs or a count ('300M')")
     c.add_argument("--blocks", help="comma-separated block patterns, e.g. 'layer*.*'")
     c.add_argument("--candidates", help="comma-separated candidate patterns (default '*')")
@@ -315,8 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"archnet: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("archnet: interrupted; finished work is kept, continue with --resume",
-              file=sys.stderr)
+        print(
+            "archnet: interrupted; finished work is kept, continue with --resume", file=sys.stderr
+        )
         return 130
 
 

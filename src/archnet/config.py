@@ -32,7 +32,9 @@ class ConvertConfig:
     model: str = "zoo:tiny_effnet"  # how the teacher was given: 'timm:NAME', 'zoo:NAME', 'pkg.mod:fn', 'python'
     checkpoint: str | None = None
     data: str = "digits"
-    eval_data: str | None = None  # labelled data for top-1 (default: the held-out split, if labelled)
+    eval_data: str | None = (
+        None  # labelled data for top-1 (default: the held-out split, if labelled)
+    )
     input_size: tuple[int, ...] = (3, 32, 32)
     target: str = "cpu-ort"
     budget: str = "0.5"  # latency: a fraction of the teacher's ('0.5') or absolute ('2.5ms')

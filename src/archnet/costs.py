@@ -84,8 +84,10 @@ def block_latency_table(
         blocks[spec.name] = {name: ms for name, ms in net.items() if name in wanted}
         for _ in pool:
             on_done()
-    items = {"teacher_outside": (outside_network(teacher, specs), input_shape),
-             "teacher": (teacher, input_shape)}
+    items = {
+        "teacher_outside": (outside_network(teacher, specs), input_shape),
+        "teacher": (teacher, input_shape),
+    }
     if shell is not None:
         items["outside"] = (outside_network(shell, specs), input_shape)
     wholes = backend.measure_interleaved(items, rounds=cfg.rounds, **kw)
@@ -119,4 +121,3 @@ def block_latency_table(
         "outside_macs": base_macs,
         "cache_hits": hits,
     }
-

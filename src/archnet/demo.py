@@ -13,8 +13,14 @@ from archnet.pipeline import console, create_run, finish
 # one or two of every kind of change: skip, depthwise-separable, MBConv with and without SE,
 # fused MBConv, a plain residual 3x3 block; ReLU where the teacher used SiLU
 DEMO_CANDIDATES = (
-    "skip", "skip_pool", "dwsep_k3_relu", "dwsep_k5_relu", "mbconv_k3_e3_relu",
-    "mbconv_k3_e3_se_relu", "fused_k3_e1_relu", "resnet_basic_w05",
+    "skip",
+    "skip_pool",
+    "dwsep_k3_relu",
+    "dwsep_k5_relu",
+    "mbconv_k3_e3_relu",
+    "mbconv_k3_e3_se_relu",
+    "fused_k3_e1_relu",
+    "resnet_basic_w05",
 )
 
 
@@ -26,10 +32,14 @@ ARCHNET_CANDIDATES = ("archnet_*", "skip")
 def demo_config(fast: bool = False, target: str = "cpu-ort") -> ConvertConfig:
     """Settings sized so the whole demo fits in a few minutes on two CPU cores."""
     archnet = target == "archnet-5op"
-    cfg = ConvertConfig(model="zoo:tiny_effnet", data="digits", target=target,
-                        budget="1.0" if archnet else "0.5",
-                        candidates=",".join(ARCHNET_CANDIDATES if archnet else DEMO_CANDIDATES),
-                        ablation=archnet)
+    cfg = ConvertConfig(
+        model="zoo:tiny_effnet",
+        data="digits",
+        target=target,
+        budget="1.0" if archnet else "0.5",
+        candidates=",".join(ARCHNET_CANDIDATES if archnet else DEMO_CANDIDATES),
+        ablation=archnet,
+    )
     cfg.arch.epochs_per_stage = 0.25 if fast else 1.0
     cfg.arch.global_epochs = 1 if fast else 6
     cfg.blockwise.epochs = 1 if fast else 3
@@ -55,14 +65,14 @@ def run_demo(
         console.print(f"[bold]teacher[/] reusing {teacher_file}")
     else:
         console.print("[bold]teacher[/] training tiny_effnet on digits (labels used only here)")
-        teacher, train, heldout = demo_teacher(seed=seed, epochs=2 if fast else None,
-                                               progress=True)
+        teacher, train, heldout = demo_teacher(seed=seed, epochs=2 if fast else None, progress=True)
         torch.save(teacher, teacher_file)
         torch.save((train, heldout), data_file)
     console.print(f"  teacher held-out top-1 {evaluate(teacher, heldout):.2f}%")
     unlabeled = train.images  # the conversion never sees a label
     run_dir = out / ("run" if target == "cpu-ort" else f"run-{target}")
-    run = create_run(teacher, unlabeled, demo_config(fast, target), run_dir, eval_data=heldout,
-                     resume=True)
+    run = create_run(
+        teacher, unlabeled, demo_config(fast, target), run_dir, eval_data=heldout, resume=True
+    )
     result = finish(run)
     return result.report, result.run_dir

@@ -42,13 +42,20 @@ def export_and_measure(run: Run, teacher: nn.Module, student: nn.Module) -> dict
     cfg = run.config.latency
     times = backend.measure_interleaved(
         _timing_items(run, {"teacher": teacher, "student": student}, shape),
-        rounds=cfg.rounds, warmup=cfg.warmup, repeats=cfg.repeats,
+        rounds=cfg.rounds,
+        warmup=cfg.warmup,
+        repeats=cfg.repeats,
     )
-    out.update({
-        "backend": backend.name, "device": backend.device, "threads": backend.threads,
-        "teacher_ms": times["teacher"], "student_ms": times["student"],
-        "speedup": times["teacher"] / times["student"],
-    })
+    out.update(
+        {
+            "backend": backend.name,
+            "device": backend.device,
+            "threads": backend.threads,
+            "teacher_ms": times["teacher"],
+            "student_ms": times["student"],
+            "speedup": times["teacher"] / times["student"],
+        }
+    )
     for name in ("teacher", "student"):
         out[f"{name}_sum_of_parts_ms"] = times[f"{name}/outside"] + sum(
             max(times[f"{name}/{s.name}"] - times[f"floor/{s.in_shape}"], 0.0) for s in run.specs

@@ -64,8 +64,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
-        raise ArchnetError(f"checkpoint {path} is unreadable ({type(e).__name__}); "
-                           "save it with torch.save(model.state_dict(), path)") from None
+        raise ArchnetError(
+            f"checkpoint {path} is unreadable ({type(e).__name__}); "
+            "save it with torch.save(model.state_dict(), path)"
+        ) from None
     for key in ("state_dict_ema", "state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -77,7 +79,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _classifier_classes(model: nn.Module, state: dict[str, torch.Tensor]) -> int | None:
     """Class count a checkpoint implies, when it differs from the model's default head."""
-    name = getattr(model, "default_cfg", {}).get("classifier") if hasattr(model, "default_cfg") else None
+    name = (
+        getattr(model, "default_cfg", {}).get("classifier")
+        if hasattr(model, "default_cfg")
+        else None
+    )
     if name and f"{name}.weight" in state:
         n = state[f"{name}.weight"].shape[0]
         current = model.get_submodule(name).weight.shape[0]
@@ -93,7 +99,11 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
     if missing or unexpected or shapes:
         parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", shapes),
+        ):
             if keys:
                 parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
         raise ArchnetError(

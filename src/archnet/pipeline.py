@@ -122,8 +122,10 @@ class Run:
 
     @cached_property
     def specs(self) -> list[BlockSpec]:
-        return [BlockSpec(d["name"], tuple(d["in_shape"]), tuple(d["out_shape"]))
-                for d in _read_json(self.path("blocks.json"))]
+        return [
+            BlockSpec(d["name"], tuple(d["in_shape"]), tuple(d["out_shape"]))
+            for d in _read_json(self.path("blocks.json"))
+        ]
 
     @cached_property
     def target(self) -> Target:
@@ -224,13 +226,25 @@ def create_run(
     teacher = teacher.eval().cpu()
     specs = find_blocks(teacher, config.input_size, config.blocks)
     torch.save(teacher, root / "teacher.pt")
-    _write_json(root / "blocks.json", [
-        {"name": s.name, "in_shape": list(s.in_shape), "out_shape": list(s.out_shape)} for s in specs
-    ])
+    _write_json(
+        root / "blocks.json",
+        [
+            {"name": s.name, "in_shape": list(s.in_shape), "out_shape": list(s.out_shape)}
+            for s in specs
+        ],
+    )
     config.save(root / "config.toml")
     run = Run(root, config)
-    run.mark_done("prepare", {"blocks": len(specs), "train": len(train), "heldout": len(heldout),
-                              "eval": len(ev), "labelled_eval": ev.labels is not None})
+    run.mark_done(
+        "prepare",
+        {
+            "blocks": len(specs),
+            "train": len(train),
+            "heldout": len(heldout),
+            "eval": len(ev),
+            "labelled_eval": ev.labels is not None,
+        },
+    )
     return run
 
 
@@ -291,8 +305,11 @@ def _candidates(run: Run) -> dict[str, Any]:
     _write_json(run.path("pool.json"), pools)
     _write_json(run.path("rejected.json"), rejected)
     sizes = [len(p["candidates"]) for p in pools.values()]
-    return {"pool_size": sum(sizes), "space_log10": float(np.sum(np.log10(sizes))),
-            "rejected": sum(len(v) for v in rejected.values())}
+    return {
+        "pool_size": sum(sizes),
+        "space_log10": float(np.sum(np.log10(sizes))),
+        "rejected": sum(len(v) for v in rejected.values()),
+    }
 
 
 @stage("latency")
@@ -302,18 +319,30 @@ def _latency(run: Run) -> dict[str, Any]:
     backend = run.target.latency_backend()
     cfg = run.config.latency
     with LatencyCache(run.path("latency.sqlite")) as cache, progress_bar() as bar:
-        total = sum(len(p["candidates"]) for p in pools.values()) + 2
-        task = bar.add_task(f"latency ({backend.name}, {backend.device}, "
-                            f"{backend.threads} thread(s))", total=total)
+        # every candidate, each teacher block (the reference, even where the target rejects it),
+        # the outside parts and the whole teacher
+        total = sum(len({"teacher", *p["candidates"]}) for p in pools.values()) + 2
+        task = bar.add_task(
+            f"latency ({backend.name}, {backend.device}, {backend.threads} thread(s))", total=total
+        )
         shell, _ = run.shell()
         table = block_latency_table(
-            backend, cache, run.teacher, run.specs, pools,
-            (run.batch_size, *run.config.input_size), cfg,
-            on_done=lambda: bar.advance(task), shell=shell,
+            backend,
+            cache,
+            run.teacher,
+            run.specs,
+            pools,
+            (run.batch_size, *run.config.input_size),
+            cfg,
+            on_done=lambda: bar.advance(task),
+            shell=shell,
         )
     _write_json(run.path("latency.json"), table)
-    return {"teacher_ms": table["teacher_ms"], "predicted_teacher_ms": table["teacher_predicted_ms"],
-            "cache_hits": table["cache_hits"]}
+    return {
+        "teacher_ms": table["teacher_ms"],
+        "predicted_teacher_ms": table["teacher_predicted_ms"],
+        "cache_hits": table["cache_hits"],
+    }
 
 
 @stage("distill")
@@ -324,8 +353,10 @@ def _distill(run: Run) -> dict[str, Any]:
     todo = [j for j in jobs if not j.path.exists() and j.name != "teacher"]
     blocks = {s.name: run.teacher_block(s) for s in run.specs}
     with progress_bar() as bar:
-        task = bar.add_task(f"blockwise distillation ({len(jobs)} candidates, "
-                            f"{len(jobs) - len(todo)} cached)", total=len(todo) * steps_per_job(n, cfg))
+        task = bar.add_task(
+            f"blockwise distillation ({len(jobs)} candidates, {len(jobs) - len(todo)} cached)",
+            total=len(todo) * steps_per_job(n, cfg),
+        )
         per_job = bar.add_task("  candidates done", total=len(jobs))
         bar.update(per_job, completed=len(jobs) - len([j for j in jobs if not j.path.exists()]))
 
@@ -334,8 +365,15 @@ def _distill(run: Run) -> dict[str, Any]:
             if cfg.workers > 1:
                 bar.advance(task, steps_per_job(n, cfg))
 
-        run_jobs(jobs, blocks, run.path("features"), cfg, run.config.seed, done,
-                 on_step=(lambda: bar.advance(task)) if cfg.workers <= 1 else None)
+        run_jobs(
+            jobs,
+            blocks,
+            run.path("features"),
+            cfg,
+            run.config.seed,
+            done,
+            on_step=(lambda: bar.advance(task)) if cfg.workers <= 1 else None,
+        )
     return {"candidates": len(jobs), "trained": len(todo)}
 
 
@@ -369,7 +407,10 @@ def search_table(run: Run) -> SearchTable:
     cands = [pools[b]["candidates"] for b in names]
 
     def col(f: Callable[[str, str], float]) -> list[np.ndarray]:
-        return [np.array([f(b, c) for c in cs], dtype=float) for b, cs in zip(names, cands, strict=False)]
+        return [
+            np.array([f(b, c) for c in cs], dtype=float)
+            for b, cs in zip(names, cands, strict=False)
+        ]
 
     return SearchTable(
         blocks=names,
@@ -380,8 +421,11 @@ def search_table(run: Run) -> SearchTable:
             "params": col(lambda b, c: pools[b]["costs"][c]["params"]),
             "macs": col(lambda b, c: pools[b]["costs"][c]["macs"]),
         },
-        offsets={"latency_ms": lat["outside_ms"], "params": lat["outside_params"],
-                 "macs": lat["outside_macs"]},
+        offsets={
+            "latency_ms": lat["outside_ms"],
+            "params": lat["outside_params"],
+            "macs": lat["outside_macs"],
+        },
     )
 
 
@@ -396,8 +440,10 @@ def budgets(run: Run) -> dict[str, float]:
     cfg = run.config
     teacher_ms = lat["teacher_predicted_ms"]
     out = {"latency_ms": parse_budget(cfg.budget, "latency").resolve(teacher_ms)}
-    for key, text, ref in (("params", cfg.params_budget, lat["teacher_params"]),
-                           ("macs", cfg.macs_budget, lat["teacher_macs"])):
+    for key, text, ref in (
+        ("params", cfg.params_budget, lat["teacher_params"]),
+        ("macs", cfg.macs_budget, lat["teacher_macs"]),
+    ):
         if text:
             out[key] = parse_budget(text, key).resolve(ref)
     return out
@@ -408,19 +454,31 @@ def _search(run: Run) -> dict[str, Any]:
     table = search_table(run)
     lat = _read_json(run.path("latency.json"))
     limits = budgets(run)
-    reference = {"latency_ms": lat["teacher_predicted_ms"], "params": lat["teacher_params"],
-                 "macs": lat["teacher_macs"]}
+    reference = {
+        "latency_ms": lat["teacher_predicted_ms"],
+        "params": lat["teacher_params"],
+        "macs": lat["teacher_macs"],
+    }
     result = solve(table, limits, reference=reference)
     sweep = pareto_sweep(table, "latency_ms", extra_budgets=limits)
-    _write_json(run.path("search.json"), {
-        "budgets": limits, "budget_spec": run.config.budget, "result": result.to_json(),
-        "pareto": [r.to_json() for r in sweep], "table": table.to_json(),
-        "space_log10": table.space_size_log10(),
-    })
-    plot_pareto(sweep, run.path("pareto.png"), reference={"teacher": lat["teacher_ms"]},
-                chosen=result)
-    console.print(f"  chose {_summary(result)}; predicted {result.totals['latency_ms']:.3f} ms "
-                  f"(budget {limits['latency_ms']:.3f} ms, solved in {result.solve_time_s:.2f} s)")
+    _write_json(
+        run.path("search.json"),
+        {
+            "budgets": limits,
+            "budget_spec": run.config.budget,
+            "result": result.to_json(),
+            "pareto": [r.to_json() for r in sweep],
+            "table": table.to_json(),
+            "space_log10": table.space_size_log10(),
+        },
+    )
+    plot_pareto(
+        sweep, run.path("pareto.png"), reference={"teacher": lat["teacher_ms"]}, chosen=result
+    )
+    console.print(
+        f"  chose {_summary(result)}; predicted {result.totals['latency_ms']:.3f} ms "
+        f"(budget {limits['latency_ms']:.3f} ms, solved in {result.solve_time_s:.2f} s)"
+    )
     return {"objective": result.objective, "predicted_ms": result.totals["latency_ms"]}
 
 
@@ -440,8 +498,14 @@ def _assemble(run: Run) -> dict[str, Any]:
     before = evaluate(run, student)
     history = train_student(run, student, run.config.arch, "end-to-end distillation")
     torch.save(student, run.path("student.pt"))
-    return {"mode": run.mode, "conversions": conversions, "teacher": evaluate(run, run.teacher),
-            "before_finetune": before, "after_finetune": evaluate(run, student), "loss": history}
+    return {
+        "mode": run.mode,
+        "conversions": conversions,
+        "teacher": evaluate(run, run.teacher),
+        "before_finetune": before,
+        "after_finetune": evaluate(run, student),
+        "loss": history,
+    }
 
 
 def build_student(run: Run) -> tuple[nn.Module, list[tuple[str, str, str]]]:
@@ -466,12 +530,26 @@ def train_student(run: Run, student: nn.Module, arch_cfg: Any, label: str) -> An
             from archnet.distill.archnet import arch_distill, total_steps
 
             task = bar.add_task(label, total=total_steps(len(images), len(names), arch_cfg))
-            return arch_distill(student, run.teacher, images, names, arch_cfg,
-                                seed=run.config.seed, on_step=lambda _l: bar.advance(task))
+            return arch_distill(
+                student,
+                run.teacher,
+                images,
+                names,
+                arch_cfg,
+                seed=run.config.seed,
+                on_step=lambda _l: bar.advance(task),
+            )
         cfg = run.config.finetune
         task = bar.add_task(label, total=cfg.epochs * -(-len(images) // cfg.batch_size))
-        return finetune(student, run.teacher, images, cfg, names, seed=run.config.seed,
-                        on_step=lambda _l: bar.advance(task))
+        return finetune(
+            student,
+            run.teacher,
+            images,
+            cfg,
+            names,
+            seed=run.config.seed,
+            on_step=lambda _l: bar.advance(task),
+        )
 
 
 def evaluate(run: Run, model: nn.Module) -> dict[str, float]:
@@ -528,12 +606,11 @@ def _report(run: Run) -> dict[str, Any]:
 def open_run(root: str | Path) -> Run:
     root = Path(root)
     if not (root / "state.json").exists():
-        raise ArchnetError(f"{root} is not an archnet run directory (no state.json); "
-                           "pass --run DIR of an earlier `archnet convert`")
+        raise ArchnetError(
+            f"{root} is not an archnet run directory (no state.json); "
+            "pass --run DIR of an earlier `archnet convert`"
+        )
     return Run(root, ConvertConfig.load(root / "config.toml"))
-
-
-
 
 
 @dataclass

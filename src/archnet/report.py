@@ -18,7 +18,11 @@ def _load(run: Run, name: str) -> Any:
 def build_report(run: Run) -> dict[str, Any]:
     """Collect the run's files into one dictionary; every figure here was measured in this run."""
     done = run.state["done"]
-    lat, search, scores = _load(run, "latency.json"), _load(run, "search.json"), _load(run, "scores.json")
+    lat, search, scores = (
+        _load(run, "latency.json"),
+        _load(run, "search.json"),
+        _load(run, "scores.json"),
+    )
     pools = _load(run, "pool.json")
     exp, asm = done["export"], done["assemble"]
     result = search["result"]
@@ -45,15 +49,17 @@ def build_report(run: Run) -> dict[str, Any]:
     blocks = []
     for name, choice in zip(search["table"]["blocks"], result["names"], strict=False):
         row = scores[name][choice]
-        blocks.append({
-            "block": name,
-            "choice": choice,
-            "latency_ms": lat["blocks"][name][choice],
-            "teacher_latency_ms": lat["teacher_blocks"][name],
-            "kl": row["kl"],
-            "val_nmse": row["val_nmse"],
-            "pool_size": len(pools[name]["candidates"]),
-        })
+        blocks.append(
+            {
+                "block": name,
+                "choice": choice,
+                "latency_ms": lat["blocks"][name][choice],
+                "teacher_latency_ms": lat["teacher_blocks"][name],
+                "kl": row["kl"],
+                "val_nmse": row["val_nmse"],
+                "pool_size": len(pools[name]["candidates"]),
+            }
+        )
     proxies = _proxy_quality(scores)
     return {
         "model": run.config.model,
@@ -72,16 +78,25 @@ def build_report(run: Run) -> dict[str, Any]:
         # the search-time table against now: includes the machine's drift in between
         "table_prediction_error": _rel(student["predicted_latency_ms"], student["latency_ms"]),
         "latency": {k: exp[k] for k in ("backend", "device", "threads", "input_shape")},
-        "onnx": {k: exp[k] for k in ("teacher_max_abs_diff", "student_max_abs_diff",
-                                     "student_violations", "student_ops")},
+        "onnx": {
+            k: exp[k]
+            for k in (
+                "teacher_max_abs_diff",
+                "student_max_abs_diff",
+                "student_violations",
+                "student_ops",
+            )
+        },
         "search": {
             "pool_size": done["candidates"]["pool_size"],
             "space_log10": search["space_log10"],
             "objective": result["objective"],
             "solve_time_s": result["solve_time_s"],
             "status": result["status"],
-            "pareto": [{"latency_ms": p["totals"]["latency_ms"], "objective": p["objective"]}
-                       for p in search["pareto"]],
+            "pareto": [
+                {"latency_ms": p["totals"]["latency_ms"], "objective": p["objective"]}
+                for p in search["pareto"]
+            ],
         },
         "proxies": proxies,
         "blocks": blocks,
@@ -121,8 +136,12 @@ def render_markdown(rep: dict[str, Any]) -> str:
         f"# archnet conversion report: {rep['model']}",
         "",
         f"Mode: **{rep['mode']}** ("
-        + ("HANT/LANA search + end-to-end KD" if rep["mode"] == "hant"
-           else "Arch-Net: restricted operators, Arch-Distillation") + ").",
+        + (
+            "HANT/LANA search + end-to-end KD"
+            if rep["mode"] == "hant"
+            else "Arch-Net: restricted operators, Arch-Distillation"
+        )
+        + ").",
         "",
         f"Target **{rep['target']['name']}**; latency on {lat['backend']} ({lat['device']}, "
         f"{lat['threads']} thread(s)), input {'x'.join(map(str, lat['input_shape']))}, teacher "
@@ -142,8 +161,10 @@ def render_markdown(rep: dict[str, Any]) -> str:
         f"| MACs | {t['macs']:,} | {s['macs']:,} | {s['macs'] / t['macs']:.2f} |",
     ]
     if "top1" in s:
-        lines.append(f"| top-1 (%) | {t['top1']:.2f} | {s['top1']:.2f} | "
-                     f"{s['top1'] - t['top1']:+.2f} points |")
+        lines.append(
+            f"| top-1 (%) | {t['top1']:.2f} | {s['top1']:.2f} | "
+            f"{s['top1'] - t['top1']:+.2f} points |"
+        )
         lines.append(f"| top-1 before fine-tune (%) | | {s['top1_before_finetune']:.2f} | |")
     lines.append(f"| KL from teacher (held-out) | 0 | {s['kl_from_teacher']:.4f} | |")
     se = rep["search"]
@@ -176,12 +197,22 @@ def render_markdown(rep: dict[str, Any]) -> str:
             f"{_fmt(p['spearman_kl_vs_top1'], '.2f')}."
         )
     if rep.get("conversions"):
-        lines += ["", "## Stem and head converted to the target's operators", "",
-                  "| module | was | now |", "|---|---|---|"]
+        lines += [
+            "",
+            "## Stem and head converted to the target's operators",
+            "",
+            "| module | was | now |",
+            "|---|---|---|",
+        ]
         lines += [f"| {n} | {a} | {b} |" for n, a, b in rep["conversions"]]
     if rep.get("ablation"):
-        lines += ["", "## Ablation (Arch-Distillation, same data, same student)", "",
-                  "| variant | top-1 (%) | KL from teacher |", "|---|---:|---:|"]
+        lines += [
+            "",
+            "## Ablation (Arch-Distillation, same data, same student)",
+            "",
+            "| variant | top-1 (%) | KL from teacher |",
+            "|---|---:|---:|",
+        ]
         for label, row in rep["ablation"].items():
             lines.append(f"| {label} | {_fmt(row.get('top1'), '.2f')} | {row['kl']:.4f} |")
     o = rep["onnx"]
@@ -213,12 +244,17 @@ def plot_blocks(rep: dict[str, Any], path: str) -> None:
     blocks = rep["blocks"]
     xs = range(len(blocks))
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(blocks)), 4))
-    ax.bar([x - 0.2 for x in xs], [b["teacher_latency_ms"] or 0 for b in blocks], 0.4,
-           label="teacher block")
+    ax.bar(
+        [x - 0.2 for x in xs],
+        [b["teacher_latency_ms"] or 0 for b in blocks],
+        0.4,
+        label="teacher block",
+    )
     ax.bar([x + 0.2 for x in xs], [b["latency_ms"] for b in blocks], 0.4, label="chosen")
     for x, b in zip(xs, blocks, strict=False):
-        ax.text(x + 0.2, b["latency_ms"], b["choice"], rotation=90, fontsize=7, va="bottom",
-                ha="center")
+        ax.text(
+            x + 0.2, b["latency_ms"], b["choice"], rotation=90, fontsize=7, va="bottom", ha="center"
+        )
     ax.set_xticks(list(xs), [b["block"] for b in blocks], rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("latency (ms)")
     ax.set_title("Chosen candidate per block")

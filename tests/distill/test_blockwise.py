@@ -187,8 +187,14 @@ def test_process_pool_matches_in_process(tmp_path: Path, teacher_and_cache) -> N
     run_jobs(serial, blocks, root, CFG, base_seed=5, on_job_done=lambda *_: None)
     done: list[str] = []
     parallel = BlockwiseConfig(**{**CFG.__dict__, "workers": 2})
-    run_jobs(pooled, blocks, root, parallel, base_seed=5,
-             on_job_done=lambda job, _m: done.append(job.name))
+    run_jobs(
+        pooled,
+        blocks,
+        root,
+        parallel,
+        base_seed=5,
+        on_job_done=lambda job, _m: done.append(job.name),
+    )
     assert sorted(done) == sorted(j.name for j in pooled)
     for a_job, b_job in zip(serial, pooled):
         a, b = _state(a_job.path), _state(b_job.path)

@@ -7,6 +7,8 @@ used so later passes (BN folding, activation swaps, quantization) can find them 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -100,6 +102,23 @@ def gate_for(act: str) -> str:
     """SE gate matching the block activation: hard-sigmoid with ReLU (MobileNetV3),
     sigmoid with SiLU (EfficientNet)."""
     return "sigmoid" if act == "silu" else "hard_sigmoid"
+
+
+def build_stacked(
+    layer: Callable[..., nn.Module], spec: BlockSpec, depth: int = 1, **kw: Any
+) -> nn.Module | None:
+    """``layer(in, out, stride, **kw)`` for the block, then ``depth - 1`` shape-keeping copies.
+
+    The builder shared by every conv-block family; None when no 2-D conv block fits ``spec``.
+    """
+    stride = conv_stride(spec)
+    if not stride:
+        return None
+    return stack(
+        layer(spec.in_ch, spec.out_ch, stride, **kw),
+        lambda: layer(spec.out_ch, spec.out_ch, 1, **kw),
+        depth,
+    )
 
 
 def stack(first: nn.Module, make_rest, depth: int) -> nn.Module:

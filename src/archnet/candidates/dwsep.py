@@ -11,9 +11,7 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from archnet.blocks import BlockSpec
-
-from ._layers import ConvBnAct, conv_stride, create_se, gate_for
+from ._layers import ConvBnAct, build_stacked, create_se, gate_for
 from ._registry import register_candidate
 
 __all__ = ["DepthwiseSeparable"]
@@ -40,13 +38,6 @@ class DepthwiseSeparable(nn.Module):
         return out + x if self.has_skip else out
 
 
-def _build(spec: BlockSpec, kernel_size: int, se: bool, act: str) -> nn.Module | None:
-    stride = conv_stride(spec)
-    if not stride:
-        return None
-    return DepthwiseSeparable(spec.in_ch, spec.out_ch, stride, kernel_size, se=se, act=act)
-
-
 # name: (kernel, se, act)
 _VARIANTS: dict[str, tuple[int, bool, str]] = {
     "dwsep_k3_relu": (3, False, "relu"),
@@ -56,4 +47,6 @@ _VARIANTS: dict[str, tuple[int, bool, str]] = {
 
 for _name, (_k, _se, _act) in _VARIANTS.items():
     _tags = {"depthwise", _act, f"k{_k}", "e1", "d1"} | ({"se"} if _se else set())
-    register_candidate(_name, "dwsep", _tags)(partial(_build, kernel_size=_k, se=_se, act=_act))
+    register_candidate(_name, "dwsep", _tags)(
+        partial(build_stacked, DepthwiseSeparable, kernel_size=_k, se=_se, act=_act)
+    )

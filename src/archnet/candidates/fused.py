@@ -12,9 +12,13 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from archnet.blocks import BlockSpec
-
-from ._layers import ConvBnAct, conv_stride, create_se, gate_for, make_divisible, stack
+from ._layers import (
+    ConvBnAct,
+    build_stacked,
+    create_se,
+    gate_for,
+    make_divisible,
+)
 from ._registry import register_candidate
 
 __all__ = ["FusedMBConv"]
@@ -48,20 +52,6 @@ class FusedMBConv(nn.Module):
         return out + x if self.has_skip else out
 
 
-def _build(
-    spec: BlockSpec, kernel_size: int, expansion: float, se: bool, act: str, depth: int
-) -> nn.Module | None:
-    stride = conv_stride(spec)
-    if not stride:
-        return None
-    layer = partial(FusedMBConv, kernel_size=kernel_size, expansion=expansion, se=se, act=act)
-    return stack(
-        layer(spec.in_ch, spec.out_ch, stride),
-        lambda: layer(spec.out_ch, spec.out_ch, 1),
-        depth,
-    )
-
-
 # name: (kernel, expansion, se, act, depth)
 _VARIANTS: dict[str, tuple[int, int, bool, str, int]] = {
     "fused_k3_e1_relu": (3, 1, False, "relu", 1),
@@ -73,5 +63,7 @@ _VARIANTS: dict[str, tuple[int, int, bool, str, int]] = {
 for _name, (_k, _e, _se, _act, _d) in _VARIANTS.items():
     _tags = {"dense", _act, f"k{_k}", f"e{_e}", f"d{_d}"} | ({"se"} if _se else set())
     register_candidate(_name, "fused", _tags)(
-        partial(_build, kernel_size=_k, expansion=_e, se=_se, act=_act, depth=_d)
+        partial(
+            build_stacked, FusedMBConv, kernel_size=_k, expansion=_e, se=_se, act=_act, depth=_d
+        )
     )

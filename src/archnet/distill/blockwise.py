@@ -124,8 +124,11 @@ def run_job(
     cache = FeatureCache(cache_root)
     x, y = cache.block("train", job.block_index)
     trained = job.name != "teacher"  # the teacher's own block is the reference: nothing to learn
-    module, init = _best_start(job, teacher_block, x, y, base_seed) if trained else (
-        build_candidate(job.name, job.spec, teacher_block), "teacher")
+    module, init = (
+        _best_start(job, teacher_block, x, y, base_seed)
+        if trained
+        else (build_candidate(job.name, job.spec, teacher_block), "teacher")
+    )
     history = train_block(module, x, y, cfg, job.seed(base_seed), on_step) if trained else []
     xv, yv = cache.block("heldout", job.block_index)
     metrics = {
@@ -157,7 +160,9 @@ def _best_start(
     for init, teacher in (("teacher", teacher_block), ("random", None)):
         torch.manual_seed(job.seed(base_seed))
         starts[init] = build_candidate(job.name, job.spec, teacher)
-    errors = {init: evaluate_nmse(m, x[: len(probe)], y[: len(probe)]) for init, m in starts.items()}
+    errors = {
+        init: evaluate_nmse(m, x[: len(probe)], y[: len(probe)]) for init, m in starts.items()
+    }
     best = min(errors, key=errors.get)
     return starts[best], best
 
@@ -183,8 +188,12 @@ def run_jobs(
     todo = [j for j in jobs if not j.path.exists()]
     if cfg.workers <= 1:
         for job in todo:
-            on_job_done(job, run_job(job, teacher_blocks[job.spec.name], str(cache_root), cfg,
-                                     base_seed, on_step))
+            on_job_done(
+                job,
+                run_job(
+                    job, teacher_blocks[job.spec.name], str(cache_root), cfg, base_seed, on_step
+                ),
+            )
         return
     import multiprocessing as mp
 

@@ -43,9 +43,7 @@ class _FeatureTap:
 
     def __init__(self, model: nn.Module, names: list[str]):
         self.out: dict[str, torch.Tensor] = {}
-        self.handles = [
-            model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names
-        ]
+        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
 
     def _hook(self, name: str):
         def fn(_m, _args, out):

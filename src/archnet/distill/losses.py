@@ -17,7 +17,9 @@ def nmse(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.T
     return (err / target.pow(2).sum(dims).clamp_min(eps)).mean()
 
 
-def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float = 1.0) -> torch.Tensor:
+def kd_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float = 1.0
+) -> torch.Tensor:
     """KL(teacher || student) on temperature-softened logits, scaled by t^2 (Hinton et al.)."""
     log_p_s = F.log_softmax(student_logits / t, dim=-1)
     log_p_t = F.log_softmax(teacher_logits / t, dim=-1)
