@@ -31,6 +31,7 @@ from archnet.distill.blockwise import CandidateJob, load_candidate, run_jobs, st
 from archnet.distill.finetune import assemble, finetune
 from archnet.errors import ArchnetError
 from archnet.flops import count_macs, count_params
+from archnet.opconvert import split_wide_layers
 from archnet.score import logits_of, replace_one_block, top1
 from archnet.search import SearchResult, SearchTable, pareto_sweep, plot_pareto, solve
 from archnet.targets import LatencyCache, Target, load_target
@@ -171,7 +172,11 @@ class Run:
             return shell, []
         from archnet.opconvert import convert_modules
 
-        return shell, convert_modules(shell, [s.name for s in self.specs])
+        names = [s.name for s in self.specs]
+        rows = convert_modules(shell, names)
+        if self.target.rules.max_channels:
+            rows += split_wide_layers(shell, self.target.rules.max_channels, names)
+        return shell, rows
 
 
 # --- creating a run --------------------------------------------------------------------------
@@ -287,7 +292,10 @@ def _candidates(run: Run) -> dict[str, Any]:
         cap = run.config.max_macs_ratio
         if cap is None:
             cap = 1.5 if run.mode == "hant" else 0
+        max_channels = run.target.rules.max_channels if run.mode == "archnet" else None
         for name, module in pool.items():
+            if max_channels:
+                split_wide_layers(module, max_channels)
             macs = count_macs(module, spec.in_shape)
             reason = rejects(run.target, module, shape)
             if not reason and cap and name != "teacher" and macs > cap * max(teacher_macs, 1):
@@ -518,7 +526,11 @@ def build_student(run: Run) -> tuple[nn.Module, list[tuple[str, str, str]]]:
         if name != "teacher"
     }
     shell, conversions = run.shell()
-    return assemble(shell, replacements), conversions
+    student = assemble(shell, replacements)
+    if run.mode == "archnet" and run.target.rules.max_channels:
+        # candidates were trained unsplit; the split is exact, so it is applied once, here
+        split_wide_layers(student, run.target.rules.max_channels)
+    return student, conversions
 
 
 def train_student(run: Run, student: nn.Module, arch_cfg: Any, label: str) -> Any:

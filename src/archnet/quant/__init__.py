@@ -1,0 +1,23 @@
+"""Sub-8-bit quantization-aware training for students (LSQ) and its QDQ ONNX export."""
+
+from archnet.quant.api import QuantConfig, fold_bn, model_size_bits, parse_bits, quantize_model
+from archnet.quant.export import export_qdq, int4_supported, qdq_report
+from archnet.quant.lsq import LSQQuantizer, quant_range
+from archnet.quant.modules import QuantConv2d, QuantLinear, QuantModule, mark_unsigned_after_relu
+
+__all__ = [
+    "LSQQuantizer",
+    "QuantConfig",
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantModule",
+    "export_qdq",
+    "fold_bn",
+    "int4_supported",
+    "mark_unsigned_after_relu",
+    "model_size_bits",
+    "parse_bits",
+    "qdq_report",
+    "quant_range",
+    "quantize_model",
+]

@@ -1,0 +1,143 @@
+"""Drop-in quantized ``nn.Conv2d`` / ``nn.Linear`` that fake-quantize weights and inputs.
+
+They subclass the float layers so code that checks ``isinstance(m, nn.Conv2d)`` (cost models,
+block locators, exporters) keeps working on a quantized student.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from archnet.quant.lsq import LSQQuantizer
+
+__all__ = ["QuantConv2d", "QuantLinear", "QuantModule", "mark_unsigned_after_relu"]
+
+# Activations whose output is known to be non-negative, so the next layer's input needs no
+# sign bit and gains one bit of resolution.
+_NON_NEGATIVE = (nn.ReLU, nn.ReLU6)
+
+
+class QuantModule:
+    """Mixin holding the weight (signed, per output channel) and input (per tensor) quantizers."""
+
+    weight_bits: int
+    act_bits: int
+    weight_quant: LSQQuantizer
+    act_quant: LSQQuantizer
+
+    def _init_quantizers(self, weight_bits: int, act_bits: int, act_signed: bool, out: int) -> None:
+        self.weight_bits = weight_bits
+        self.act_bits = act_bits
+        self.weight_quant = LSQQuantizer(weight_bits, True, True, 0, num_channels=out)
+        self.act_quant = LSQQuantizer(act_bits, act_signed, False)
+
+
+class QuantConv2d(QuantModule, nn.Conv2d):
+    """``nn.Conv2d`` whose weight and input are LSQ fake-quantized."""
+
+    def __init__(
+        self,
+        *args,
+        weight_bits: int = 4,
+        act_bits: int = 4,
+        act_signed: bool = True,
+        **kwargs,
+    ) -> None:
+        nn.Conv2d.__init__(self, *args, **kwargs)
+        self._init_quantizers(weight_bits, act_bits, act_signed, self.out_channels)
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Conv2d, weight_bits: int, act_bits: int, act_signed: bool = True
+    ) -> QuantConv2d:
+        """A quantized copy of ``module`` with its weights and bias."""
+        q = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+            weight_bits=weight_bits,
+            act_bits=act_bits,
+            act_signed=act_signed,
+        )
+        _copy_params(module, q)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+
+
+class QuantLinear(QuantModule, nn.Linear):
+    """``nn.Linear`` whose weight and input are LSQ fake-quantized."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        weight_bits: int = 4,
+        act_bits: int = 4,
+        act_signed: bool = True,
+    ) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
+        self._init_quantizers(weight_bits, act_bits, act_signed, out_features)
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Linear, weight_bits: int, act_bits: int, act_signed: bool = True
+    ) -> QuantLinear:
+        """A quantized copy of ``module`` with its weights and bias."""
+        q = cls(
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            module.weight.device,
+            module.weight.dtype,
+            weight_bits=weight_bits,
+            act_bits=act_bits,
+            act_signed=act_signed,
+        )
+        _copy_params(module, q)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+
+
+def _copy_params(src: nn.Module, dst: nn.Module) -> None:
+    with torch.no_grad():
+        dst.weight.copy_(src.weight)
+        if src.bias is not None:
+            dst.bias.copy_(src.bias)
+    dst.train(src.training)
+
+
+def mark_unsigned_after_relu(model: nn.Module) -> list[str]:
+    """Make input quantizers unsigned where the input comes straight from a ReLU.
+
+    Only consecutive children of an ``nn.Sequential`` are trusted: elsewhere the data flow is
+    hidden in ``forward`` and a wrong guess would clip every negative input to zero. Call it
+    before the first forward, which fixes the steps. Returns the qualified names changed.
+    """
+    changed: list[str] = []
+    for seq_name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        for (_, prev), (name, cur) in zip(children, children[1:]):
+            if isinstance(prev, _NON_NEGATIVE) and isinstance(cur, QuantModule):
+                cur.act_quant.signed = False
+                changed.append(f"{seq_name}.{name}" if seq_name else name)
+    return changed

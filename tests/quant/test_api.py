@@ -1,0 +1,121 @@
+"""Model-level API: bit specs, layer swapping, BN folding, size accounting, QAT smoke test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from archnet.quant import (
+    QuantConfig,
+    QuantConv2d,
+    QuantLinear,
+    fold_bn,
+    model_size_bits,
+    parse_bits,
+    quantize_model,
+)
+from archnet.zoo import create_model
+
+
+def _randomise_bn(model: nn.Module) -> None:
+    """Non-trivial statistics so folding is actually exercised."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+
+
+@pytest.mark.parametrize(("text", "bits"), [("w4a4", (4, 4)), ("W2A4", (2, 4)), ("w8a8", (8, 8))])
+def test_parse_bits(text: str, bits: tuple[int, int]) -> None:
+    assert parse_bits(text) == bits
+
+
+@pytest.mark.parametrize("text", ["w4", "4a4", "w1a4", "w4a9", "w4a4x", ""])
+def test_parse_bits_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="bit-width spec"):
+        parse_bits(text)
+
+
+def test_quantize_model_swaps_and_keeps_edges_at_8_bits() -> None:
+    model = create_model("tiny_resnet")
+    names = quantize_model(model, QuantConfig(weight_bits=2, act_bits=4))
+    assert names[0] == "conv1" and names[-1] == "fc"
+    assert "layer2.0.downsample.0" in names and len(names) == 16
+    assert isinstance(model.conv1, QuantConv2d) and isinstance(model.fc, QuantLinear)
+    assert (model.conv1.weight_bits, model.conv1.act_bits) == (8, 8)
+    assert (model.fc.weight_bits, model.fc.act_bits) == (8, 8)
+    inner = model.get_submodule("layer1.0.conv1")
+    assert (inner.weight_bits, inner.act_bits) == (2, 4)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_quantize_model_filter_and_no_edges() -> None:
+    model = create_model("tiny_resnet")
+    names = quantize_model(
+        model, QuantConfig(first_last=None), filter_fn=lambda m, name: name.startswith("layer3")
+    )
+    assert names and all(n.startswith("layer3") for n in names)
+    assert type(model.conv1) is nn.Conv2d
+    assert model.get_submodule(names[0]).weight_bits == 4
+
+
+def test_unsigned_after_relu_in_sequential() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    quantize_model(model, QuantConfig(first_last=None))
+    assert model[0].act_quant.signed and not model[2].act_quant.signed
+
+
+def test_from_float_keeps_weights() -> None:
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=True)
+    q = QuantConv2d.from_float(conv, 8, 8)
+    assert torch.equal(q.weight, conv.weight) and torch.equal(q.bias, conv.bias)
+    assert q.stride == (2, 2) and q.padding == (1, 1)
+
+
+def test_fold_bn_is_exact() -> None:
+    torch.manual_seed(0)
+    model = create_model("tiny_resnet").eval()
+    seq = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)).eval()
+    _randomise_bn(model)
+    _randomise_bn(seq)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref, ref_seq = model(x), seq(x)
+        fold_bn(model)
+        fold_bn(seq)
+        assert (model(x) - ref).abs().max() < 1e-5
+        assert (seq(x) - ref_seq).abs().max() < 1e-5
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert isinstance(seq[1], nn.Identity)
+
+
+def test_model_size_bits() -> None:
+    layer = QuantLinear(10, 5, weight_bits=4, act_bits=8)
+    # weight 50 x 4 bits; bias 5, weight steps 5 and activation step 1 at 32 bits
+    assert model_size_bits(layer) == 50 * 4 + (5 + 5 + 1) * 32
+    assert model_size_bits(nn.Linear(10, 5)) == 55 * 32
+
+
+def test_quantized_training_lowers_loss() -> None:
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    student = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    quantize_model(student, QuantConfig(weight_bits=2, act_bits=4, first_last=None))
+    x = torch.randn(256, 8)
+    with torch.no_grad():
+        target = teacher(x)
+        student(x)  # initialises the steps before the optimiser sees them
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = nn.functional.mse_loss(student(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
