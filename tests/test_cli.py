@@ -33,18 +33,15 @@ def resnet_ckpt(tmp_path):
     return path
 
 
+def convert(capsys, tmp_path, *args: str, model: str = "zoo:tiny_resnet") -> tuple[int, str]:
+    """`archnet convert` of ``model`` into tmp_path/r with extra ``args``; (exit code, stderr)."""
+    code, _, err = run_cli(capsys, "convert", "--model", model, "--out", str(tmp_path / "r"), *args)
+    return code, err
+
+
 def test_missing_checkpoint(capsys, tmp_path):
-    code, _, err = run_cli(
-        capsys,
-        "convert",
-        "--model",
-        "zoo:tiny_resnet",
-        "--checkpoint",
-        str(tmp_path / "nope.pth"),
-        "--data",
-        "digits",
-        "--out",
-        str(tmp_path / "r"),
+    code, err = convert(
+        capsys, tmp_path, "--checkpoint", str(tmp_path / "nope.pth"), "--data", "digits"
     )
     assert_one_line_error(code, err, "nope.pth", "does not exist")
 
@@ -52,18 +49,7 @@ def test_missing_checkpoint(capsys, tmp_path):
 def test_checkpoint_that_does_not_fit(capsys, tmp_path):
     path = tmp_path / "effnet.pth"
     torch.save(create_model("tiny_effnet", num_classes=10).state_dict(), path)
-    code, _, err = run_cli(
-        capsys,
-        "convert",
-        "--model",
-        "zoo:tiny_resnet",
-        "--checkpoint",
-        str(path),
-        "--data",
-        "digits",
-        "--out",
-        str(tmp_path / "r"),
-    )
+    code, err = convert(capsys, tmp_path, "--checkpoint", str(path), "--data", "digits")
     assert_one_line_error(code, err, "does not fit")
 
 
@@ -81,34 +67,21 @@ def test_model_without_blocks(capsys, tmp_path, monkeypatch):
         "    return Flat()\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    code, _, err = run_cli(
-        capsys,
-        "convert",
-        "--model",
-        "flatmodel:make",
-        "--data",
-        "digits",
-        "--out",
-        str(tmp_path / "r"),
-    )
+    code, err = convert(capsys, tmp_path, "--data", "digits", model="flatmodel:make")
     assert_one_line_error(code, err, "no recognisable blocks", "--blocks")
 
 
 def test_empty_data_folder(capsys, tmp_path, resnet_ckpt):
     (tmp_path / "images").mkdir()
-    code, _, err = run_cli(
+    code, err = convert(
         capsys,
-        "convert",
-        "--model",
-        "zoo:tiny_resnet",
+        tmp_path,
         "--checkpoint",
         str(resnet_ckpt),
         "--data",
         str(tmp_path / "images"),
         "--input-size",
         "3,32,32",
-        "--out",
-        str(tmp_path / "r"),
     )
     assert_one_line_error(code, err, "images")
 
@@ -117,55 +90,29 @@ def test_unreadable_image(capsys, tmp_path, resnet_ckpt):
     folder = tmp_path / "images"
     folder.mkdir()
     (folder / "broken.png").write_bytes(b"not a png")
-    code, _, err = run_cli(
+    code, err = convert(
         capsys,
-        "convert",
-        "--model",
-        "zoo:tiny_resnet",
+        tmp_path,
         "--checkpoint",
         str(resnet_ckpt),
         "--data",
         str(folder),
         "--input-size",
         "3,32,32",
-        "--out",
-        str(tmp_path / "r"),
     )
     assert_one_line_error(code, err, "broken.png")
 
 
 def test_unknown_target(capsys, tmp_path, resnet_ckpt):
-    code, _, err = run_cli(
-        capsys,
-        "convert",
-        "--model",
-        "zoo:tiny_resnet",
-        "--checkpoint",
-        str(resnet_ckpt),
-        "--data",
-        "digits",
-        "--target",
-        "tpu-v9",
-        "--out",
-        str(tmp_path / "r"),
+    code, err = convert(
+        capsys, tmp_path, "--checkpoint", str(resnet_ckpt), "--data", "digits", "--target", "tpu-v9"
     )
     assert_one_line_error(code, err, "tpu-v9")
 
 
 def test_bad_budget(capsys, tmp_path, resnet_ckpt):
-    code, _, err = run_cli(
-        capsys,
-        "convert",
-        "--model",
-        "zoo:tiny_resnet",
-        "--checkpoint",
-        str(resnet_ckpt),
-        "--data",
-        "digits",
-        "--budget",
-        "fast",
-        "--out",
-        str(tmp_path / "r"),
+    code, err = convert(
+        capsys, tmp_path, "--checkpoint", str(resnet_ckpt), "--data", "digits", "--budget", "fast"
     )
     assert_one_line_error(code, err, "fast")
 
