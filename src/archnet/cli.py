@@ -160,7 +160,9 @@ def _search(a: argparse.Namespace) -> int:
             setattr(run.config, key, getattr(a, key))
     run.invalidate("search")
     run.config.save(run.path("config.toml"))
-    STAGES["search"](run)  # validate and solve before marking anything done
+    # solve once quietly first: an infeasible budget then ends in one error line, before
+    # run_stages prints its stage header (the re-solve below takes well under a second)
+    STAGES["search"](run)
     from archnet.pipeline import run_stages
 
     run_stages(run, until="search")

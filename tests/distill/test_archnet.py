@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from archnet.data import ImageData, digits
+from archnet.data import digits
 from archnet.distill.archnet import (
     ArchDistillConfig,
     ResidualAdapter,
@@ -21,9 +21,8 @@ from archnet.distill.archnet import (
 )
 from archnet.distill.finetune import assemble
 from archnet.distill.losses import kd_kl
-from archnet.zoo import create_model
 from archnet.zoo.tiny_resnet import BasicBlock
-from archnet.zoo.train import recalibrate_bn
+from tests.distill import calibrated_tiny_resnet
 
 NAMES = ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1"]
 FAST = ArchDistillConfig(epochs_per_stage=0.25, global_epochs=1, batch_size=16, lr=3e-3, shift=1)
@@ -36,16 +35,7 @@ def images() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def teacher(images: torch.Tensor) -> nn.Module:
-    """tiny_resnet with input-dependent predictions and BatchNorm calibrated on the images."""
-    torch.manual_seed(0)
-    model = create_model("tiny_resnet")
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.fill_(1.0)
-        model.fc.weight.normal_(0.0, 0.3)
-    recalibrate_bn(model, ImageData(images))
-    return model.eval()
+    return calibrated_tiny_resnet(images)
 
 
 def _student(teacher: nn.Module, seed: int = 1) -> nn.Module:

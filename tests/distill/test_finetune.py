@@ -10,11 +10,10 @@ from torch import nn
 
 from archnet.blocks import BlockSpec, find_blocks
 from archnet.candidates import build_candidate
-from archnet.data import ImageData, digits
+from archnet.data import digits
 from archnet.distill.finetune import FinetuneConfig, assemble, finetune, random_shift
 from archnet.distill.losses import kd_kl
-from archnet.zoo import create_model
-from archnet.zoo.train import recalibrate_bn
+from tests.distill import calibrated_tiny_resnet
 
 SHAPE = (3, 16, 16)
 
@@ -26,16 +25,7 @@ def images() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def teacher(images: torch.Tensor) -> nn.Module:
-    """tiny_resnet with input-dependent predictions and BatchNorm calibrated on the images."""
-    torch.manual_seed(0)
-    model = create_model("tiny_resnet")
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.fill_(1.0)
-        model.fc.weight.normal_(0.0, 0.3)
-    recalibrate_bn(model, ImageData(images))
-    return model.eval()
+    return calibrated_tiny_resnet(images)
 
 
 @pytest.fixture(scope="module")

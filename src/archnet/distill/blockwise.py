@@ -155,14 +155,12 @@ def _best_start(
     each other and a bad one when they do not (a dense 3x3 block seeded from a depthwise
     block); one forward over a few features decides, per candidate.
     """
-    probe = np.arange(min(len(x), 256))
+    n = min(len(x), 256)
     starts = {}
     for init, teacher in (("teacher", teacher_block), ("random", None)):
         torch.manual_seed(job.seed(base_seed))
         starts[init] = build_candidate(job.name, job.spec, teacher)
-    errors = {
-        init: evaluate_nmse(m, x[: len(probe)], y[: len(probe)]) for init, m in starts.items()
-    }
+    errors = {init: evaluate_nmse(m, x[:n], y[:n]) for init, m in starts.items()}
     best = min(errors, key=errors.get)
     return starts[best], best
 
