@@ -187,3 +187,25 @@ def test_latency_table(capsys):
     assert code == 0
     for row in ("layer1.0", "layer3.1", "outside blocks", "predicted sum", "measured network"):
         assert row in out
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (("--bits", "w9a4"), ("--bits", "2..8")),
+        (("--bits", "4bit"), ("--bits", "w<bits>a<bits>")),
+        (("--bits", "w4a4", "--first-last", "eight"), ("--first-last",)),
+        (("--bits", "auto", "--size-budget", "tiny"), ("size budget", "1.5MB")),
+        (("--target", "archnet-5op-int"), ("integer", "--bits")),
+    ],
+)
+def test_bad_quantization_options(capsys, tmp_path, resnet_ckpt, args, needles):
+    code, err = convert(
+        capsys, tmp_path, "--checkpoint", str(resnet_ckpt), "--data", "digits", *args
+    )
+    assert_one_line_error(code, err, *needles)
+
+
+def test_qdq_export_of_a_float_run(capsys, finished_run):
+    code, _, err = run_cli(capsys, "export", "--run", str(finished_run.run_dir), "--format", "qdq")
+    assert_one_line_error(code, err, "float student", "--bits")

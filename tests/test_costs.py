@@ -97,7 +97,7 @@ def test_outside_network_exports_with_stem(teacher: nn.Module, specs, tmp_path: 
 def test_block_latency_table(teacher: nn.Module, specs, tmp_path: Path) -> None:
     backend = get_backend("onnxruntime")
     cfg = SimpleNamespace(warmup=2, repeats=5, rounds=2)
-    pools = {s.name: {"candidates": ["teacher", "skip"]} for s in specs}
+    pools = {s.name: {"choices": ["teacher", "skip"]} for s in specs}
     input_shape = (1, *SHAPE)
     calls: list[int] = []
     with LatencyCache(tmp_path / "latency.sqlite") as cache:
@@ -137,8 +137,8 @@ def test_block_latency_table(teacher: nn.Module, specs, tmp_path: Path) -> None:
 
 def test_block_latency_table_skips_candidates_not_in_pool(teacher, specs, tmp_path) -> None:
     """A block whose pool lists only the teacher is timed for the teacher only."""
-    pools = {s.name: {"candidates": ["teacher"]} for s in specs}
-    pools[specs[0].name] = {"candidates": ["teacher", "skip"]}
+    pools = {s.name: {"choices": ["teacher"]} for s in specs}
+    pools[specs[0].name] = {"choices": ["teacher", "skip"]}
     table = block_latency_table(
         get_backend("onnxruntime"),
         LatencyCache(":memory:"),
@@ -150,3 +150,36 @@ def test_block_latency_table_skips_candidates_not_in_pool(teacher, specs, tmp_pa
     )
     assert set(table["blocks"][specs[0].name]) == {"teacher", "skip"}
     assert all(set(table["blocks"][s.name]) == {"teacher"} for s in specs[1:])
+
+
+def test_block_latency_table_quantized_choices(teacher: nn.Module, specs) -> None:
+    """Quantized choices are timed as QDQ graphs; the outside parts are costed quantized."""
+    from archnet.quant import QuantConfig, calibrate, fold_bn, model_size_bits, quantize_model
+
+    def quantize_outside(model: nn.Module, x: torch.Tensor) -> nn.Module:
+        fold_bn(model, x)
+        quantize_model(model, QuantConfig(4, 4, (8, 8)))
+        calibrate(model, x)
+        return model
+
+    pools = {s.name: {"choices": ["teacher", "teacher@w8a8"]} for s in specs}
+    table = block_latency_table(
+        get_backend("onnxruntime"),
+        LatencyCache(":memory:"),
+        teacher,
+        specs,
+        pools,
+        (1, *SHAPE),
+        SimpleNamespace(warmup=1, repeats=3, rounds=2),
+        quantize_outside=quantize_outside,
+    )
+    for row in table["blocks"].values():
+        assert set(row) == {"teacher", "teacher@w8a8"}
+    float_outside = model_size_bits(outside_network(teacher, specs)) - sum(
+        model_size_bits(m)
+        for m in outside_network(teacher, specs).modules()
+        if isinstance(m, BlockStub)
+    )
+    assert table["teacher_size_bits"] == model_size_bits(teacher)
+    # every outside weight at 8 or 4 bits instead of 32
+    assert table["outside_size_bits"] < float_outside / 3

@@ -250,3 +250,43 @@ def test_plot_writes_png(tmp_path) -> None:
     )
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def mixed_precision_table(rng: np.random.Generator, n_blocks: int) -> SearchTable:
+    """Candidates x bit widths: fewer bits shrink size (bits x weights) and raise the score."""
+    bits = [8, 4, 2]
+    names, score, lat, size = [], [], [], []
+    for b in range(n_blocks):
+        n_cands = int(rng.integers(2, 4))
+        weights = rng.integers(1_000, 50_000, size=n_cands)
+        base = rng.uniform(0.0, 0.5, size=n_cands)
+        names.append([f"b{b}c{c}@w{w}a4" for c in range(n_cands) for w in bits])
+        score.append(np.array([base[c] + 0.3 * (8 - w) / 6 for c in range(n_cands) for w in bits]))
+        lat.append(np.array([0.1 + c * 0.05 for c in range(n_cands) for _ in bits]))
+        size.append(
+            np.array([float(weights[c] * w + 32 * 64) for c in range(n_cands) for w in bits])
+        )
+    return SearchTable(
+        blocks=[f"block{b}" for b in range(n_blocks)],
+        candidates=names,
+        score=score,
+        costs={"latency_ms": lat, "size_bits": size},
+        offsets={"latency_ms": 0.2, "size_bits": 8 * 20_000.0},
+    )
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_mixed_precision_respects_size_budget(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    table = mixed_precision_table(rng, 4)
+    free = solve(table, {})
+    smallest = minimum(table, "size_bits")
+    budget = smallest + rng.uniform(0.1, 0.6) * (free.totals["size_bits"] - smallest)
+    got = solve(table, {"size_bits": budget})
+    assert got.totals["size_bits"] <= budget
+    assert got.totals["size_bits"] == pytest.approx(table.total("size_bits", got.choice))
+    assert got.objective == pytest.approx(brute_force(table, {"size_bits": budget}).objective)
+    # the budget binds: the unconstrained optimum (all 8-bit) does not fit
+    assert free.totals["size_bits"] > budget
+    assert all("@w8" in name for name in free.names)
+    assert list(got.choice) != list(free.choice)

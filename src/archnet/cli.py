@@ -87,7 +87,28 @@ def print_summary(rep: dict, run_dir: Path) -> None:
         "parameters", f"{t['params']:,}", f"{s['params']:,}", f"{s['params'] / t['params']:.2f}"
     )
     table.add_row("MACs", f"{t['macs']:,}", f"{s['macs']:,}", f"{s['macs'] / t['macs']:.2f}")
+    table.add_row(
+        "size (kB)",
+        f"{t['size_bits'] / 8e3:,.1f}",
+        f"{s['size_bits'] / 8e3:,.1f}",
+        f"{s['size_bits'] / t['size_bits']:.3f}",
+    )
+    q = rep.get("quantization")
+    if q:
+        table.add_row(
+            "QDQ vs FP32 student (ms)",
+            "",
+            f"{q['qdq_student_ms']:.3f} vs {q['fp32_student_ms']:.3f}",
+            f"{q['qdq_speedup_vs_fp32']:.2f}x faster",
+        )
     out.print(table)
+    if q:
+        bits = q["bits"] if q["bits"] != "auto" else f"auto ({q['bit_choices']})"
+        storage = ", ".join(f"{n} {k}" for k, n in sorted(q["storage"].items()))
+        out.print(
+            f"quantized {bits}, first/last {q['first_last']}: {storage}; QDQ export within "
+            f"{q['max_abs_diff']:.2e} of PyTorch (one output step {q['output_step']:.2e})"
+        )
     if rep.get("ablation"):
         abl = Table(title="Arch-Distillation ablation (same student, same data)")
         for col in ("variant", "top-1 (%)", "KL from teacher"):
@@ -124,6 +145,10 @@ def _convert(a: argparse.Namespace) -> int:
         "budget",
         "params_budget",
         "macs_budget",
+        "size_budget",
+        "bits",
+        "first_last",
+        "bit_choices",
         "blocks",
         "candidates",
         "eval_data",
@@ -155,7 +180,7 @@ def _search(a: argparse.Namespace) -> int:
         )
     if a.budget is not None:
         run.config.budget = a.budget
-    for key in ("params_budget", "macs_budget"):
+    for key in ("params_budget", "macs_budget", "size_budget"):
         if getattr(a, key) is not None:
             setattr(run.config, key, getattr(a, key))
     run.invalidate("search")
@@ -177,8 +202,16 @@ def _search(a: argparse.Namespace) -> int:
 def _export(a: argparse.Namespace) -> int:
     from archnet.pipeline import finish, open_run
 
-    result = finish(open_run(a.run))
+    run = open_run(a.run)
+    if a.format == "qdq" and not run.config.bits:
+        raise ArchnetError(
+            f"{a.run} holds a float student; QDQ export needs a quantized one: convert with "
+            "--bits (e.g. --bits w8a8)"
+        )
+    result = finish(run)
     print_summary(result.report, result.run_dir)
+    kind = "QDQ ONNX" if run.config.bits else "ONNX"
+    out.print(f"{kind} student: {result.run_dir / 'student.onnx'}")
     return 0
 
 
@@ -239,11 +272,23 @@ def _latency(a: argparse.Namespace) -> int:
 
 @command("check")
 def _check(a: argparse.Namespace) -> int:
-    import onnx
+    """One line per broken operator or attribute rule; exit 1 if there is any (for CI).
 
-    """One line per broken operator or attribute rule; exit 1 if there is any (for CI)."""
+    A quantized (QDQ) model also gets a table of its quantized tensors, because the bit widths
+    an integer chip will see are read from the graph, not from how the model was trained.
+    """
+    from collections import Counter
+
+    import onnx
+    from rich.markup import escape
+
     from archnet.targets import load_target
-    from archnet.targets.opset import check_model, format_violation
+    from archnet.targets.opset import (
+        check_model,
+        float_compute_nodes,
+        format_violation,
+        quantized_tensors,
+    )
 
     path = Path(a.model)
     if not path.is_file():
@@ -258,6 +303,29 @@ def _check(a: argparse.Namespace) -> int:
     for v in violations:
         print(format_violation(v))
     print(f"{len(violations)} violation(s) of {target.name} in {len(model.graph.node)} nodes")
+    tensors = quantized_tensors(model)
+    if tensors:
+        table = Table(title=f"quantized tensors of {escape(path.name)}")
+        for col in ("name", "kind", "bits", "storage", "signed", "per-channel", "consumer"):
+            table.add_column(col, justify="right" if col == "bits" else "left")
+        for t in tensors:
+            table.add_row(
+                escape(t.name),
+                t.kind,
+                str(t.bits),
+                t.storage,
+                "yes" if t.signed else "no",
+                "yes" if t.per_channel else "no",
+                escape(t.consumer) or "-",
+            )
+        out.print(table)
+        widths = sorted(Counter(t.bits for t in tensors).items(), reverse=True)
+        counts = ", ".join(f"{n} at {bits} bits" for bits, n in widths)
+        noun = "tensor" if len(tensors) == 1 else "tensors"
+        print(
+            f"{len(tensors)} quantized {noun}: {counts}; "
+            f"float compute nodes: {len(float_compute_nodes(model))}"
+        )
     return 1 if violations else 0
 
 
@@ -281,7 +349,7 @@ def _targets(a: argparse.Namespace) -> int:
 def _demo(a: argparse.Namespace) -> int:
     from archnet.demo import run_demo
 
-    rep, run_dir = run_demo(Path(a.out), fast=a.fast, target=a.target)
+    rep, run_dir = run_demo(Path(a.out), fast=a.fast, target=a.target, bits=a.bits)
     print_summary(rep, run_dir)
     return 0
 
@@ -298,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="cpu-ort",
         help="cpu-ort (HANT search, the default) or archnet-5op (Arch-Net mode)",
     )
+    d.add_argument("--bits", help="also quantize the student, e.g. w4a4 or w2a4")
 
     c = sub.add_parser("convert", help="convert a teacher into a student for a target")
     c.add_argument("--model", help="timm:NAME, zoo:NAME or package.module:factory")
@@ -311,6 +380,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--params-budget", help="fraction of the teacher's parameters or a count ('1.5M')"
     )
     c.add_argument("--macs-budget", help="fraction of the teacher's MACs or a count ('300M')")
+    c.add_argument(
+        "--bits",
+        help="quantize the student: 'w4a4' (weights/activations), or 'auto' for mixed "
+        "precision chosen by the search (with --size-budget)",
+    )
+    c.add_argument(
+        "--first-last",
+        help="bits of the first and last layer (default w8a8; 'same' quantizes them like the rest)",
+    )
+    c.add_argument("--bit-choices", help="widths 'auto' chooses among (default w8a8,w4a4,w2a4)")
+    c.add_argument(
+        "--size-budget",
+        help="model size: fraction of the teacher's FP32 size ('0.15') or bytes ('1.5MB')",
+    )
     c.add_argument("--blocks", help="comma-separated block patterns, e.g. 'layer*.*'")
     c.add_argument("--candidates", help="comma-separated candidate patterns (default '*')")
     c.add_argument("--epochs", type=int, help="blockwise distillation epochs per candidate")
@@ -327,9 +410,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget")
     s.add_argument("--params-budget")
     s.add_argument("--macs-budget")
+    s.add_argument("--size-budget")
 
     e = sub.add_parser("export", help="finish a run: assemble, fine-tune, export ONNX, report")
     e.add_argument("--run", required=True)
+    e.add_argument(
+        "--format",
+        choices=("onnx", "qdq"),
+        default="onnx",
+        help="qdq: require the quantized student's QuantizeLinear/DequantizeLinear ONNX",
+    )
 
     r = sub.add_parser("report", help="print a finished run's summary table")
     r.add_argument("--run", required=True)
@@ -345,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--repeats", type=int, default=50)
 
     k = sub.add_parser(
-        "check", help="check an ONNX model against a target's operators and attribute rules"
+        "check",
+        help="check an ONNX model against a target's operators and attribute rules; "
+        "a quantized (QDQ) model also gets a table of its quantized tensors and bit widths",
     )
     k.add_argument("model", help="an .onnx file")
     k.add_argument("--target", required=True, help="built-in target name or a .toml file")

@@ -49,6 +49,13 @@ class ConvertConfig:
     # and train with Arch-Distillation; "auto": archnet when the target restricts operators
     mode: str = "auto"
     ablation: bool = False  # archnet mode: also train without TA / RFA / progressive schedule
+    # quantization: None keeps the student float; 'w4a4' trains every layer at 4-bit weights
+    # and activations; 'auto' offers each candidate at every width in bit_choices to the ILP
+    bits: str | None = None
+    first_last: str = "w8a8"  # bits of the first and last layer; 'same': like the others
+    bit_choices: str = "w8a8,w4a4,w2a4"  # the widths 'auto' chooses among
+    # model size: a fraction of the teacher's FP32 size ('0.15') or absolute ('1.5MB', '200kB')
+    size_budget: str | None = None
     heldout_fraction: float = 0.2  # unlabeled data kept out of training for scores and checks
     max_samples: int | None = None  # cap on the unlabeled training images (None: all)
     seed: int = 0
@@ -70,10 +77,41 @@ class ConvertConfig:
         patterns = [p.strip() for p in self.candidates.split(",") if p.strip() != "teacher"]
         if patterns:
             list_candidates(patterns)
+        self._validate_bits()
         if self.mode not in ("auto", "hant", "archnet"):
             raise ArchnetError(f"mode {self.mode!r} is not one of auto, hant, archnet")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ArchnetError(f"heldout_fraction {self.heldout_fraction} must be in (0, 1)")
+
+    def _validate_bits(self) -> None:
+        from archnet.quant import parse_bits
+        from archnet.targets import load_target
+
+        def check(text: str, what: str) -> None:
+            try:
+                parse_bits(text)
+            except ValueError as e:
+                raise ArchnetError(f"{what}: {e}") from None
+
+        if self.bits is not None and self.bits != "auto":
+            check(self.bits, "--bits")
+        if self.bits == "auto":
+            for text in self.bit_choices.split(","):
+                check(text, "bit_choices")
+        if self.first_last != "same":
+            check(self.first_last, "--first-last")
+        if self.size_budget is not None:
+            parse_budget(self.size_budget, "size")
+        rules = load_target(self.target).rules
+        if rules.quantized_only and not self.bits:
+            raise ArchnetError(
+                f"target {self.target} runs only integer compute; pass --bits (e.g. w8a8 or w4a4)"
+            )
+        if self.bits and rules.max_channels:
+            raise ArchnetError(
+                f"target {self.target} caps channels (max_channels), which quantized students "
+                "do not support yet; drop --bits or use a target without max_channels"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return _drop_none(dataclasses.asdict(self))
@@ -142,17 +180,30 @@ class Budget:
         return f"{self.value:g}x teacher" if self.relative else f"{self.value:g}"
 
 
+_BYTES = {"b": 8, "kb": 8e3, "mb": 8e6, "gb": 8e9}  # to bits
+_ABSOLUTE_HINT = {
+    "latency": "or milliseconds ('2.5ms')",
+    "size": "or bytes ('1.5MB', '200kB')",
+}
+
+
 def parse_budget(text: str | float, what: str = "latency") -> Budget:
-    """'0.5' or '0.5x' -> half the teacher's; '2.5ms' -> 2.5 ms; '1.2M' -> 1.2e6 (params/MACs)."""
+    """'0.5' or '0.5x' -> half the teacher's; '2.5ms' -> 2.5 ms; '1.2M' -> 1.2e6 (params/MACs);
+    '1.5MB' -> 1.2e7 bits (size)."""
     s = str(text).strip().lower().replace(" ", "")
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)(x|ms|k|m|g)?", s)
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)(x|ms|kb|mb|gb|b|k|m|g)?", s)
     if not m or float(m.group(1)) <= 0:
         raise ArchnetError(
             f"{what} budget {text!r} is not understood; give a fraction of the teacher ('0.5') "
-            + ("or milliseconds ('2.5ms')" if what == "latency" else "or a count ('1.5M')")
+            + _ABSOLUTE_HINT.get(what, "or a count ('1.5M')")
         )
     value, unit = float(m.group(1)), m.group(2) or ""
-    if what == "latency":
+    if what == "size":
+        if unit in ("", "x"):
+            return Budget(value, relative=True)
+        if unit in _BYTES:
+            return Budget(value * _BYTES[unit], relative=False)
+    elif what == "latency":
         if unit in ("", "x"):
             return Budget(value, relative=True)
         if unit == "ms":

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from archnet.blocks import BlockSpec
-from archnet.candidates import build_pool
+from archnet.choices import build_choice
 from archnet.flops import count_macs, count_params
+from archnet.quant import model_size_bits
 from archnet.targets import LatencyCache
 from archnet.targets.latency import LatencyBackend, measure_cached_group
 
@@ -58,12 +59,14 @@ def block_latency_table(
     cfg: Any,
     on_done: Callable[[], None] = lambda: None,
     shell: nn.Module | None = None,
+    quantize_outside: Callable[[nn.Module, torch.Tensor], nn.Module] | None = None,
 ) -> dict[str, Any]:
-    """Measure every pooled candidate (cached), the outside parts and the whole teacher.
+    """Measure every pooled choice (cached), the outside parts and the whole teacher.
 
     ``shell`` is the network the student's blocks will sit in when it differs from the teacher
     (Arch-Net mode converts the stem and head); its outside parts are the search's offset,
-    while the teacher's own outside parts stay the reference.
+    while the teacher's own outside parts stay the reference. ``quantize_outside`` quantizes
+    those parts as a quantized student will have them.
     """
     kw = {"warmup": cfg.warmup, "repeats": cfg.repeats}
     batch = input_shape[0]
@@ -73,10 +76,12 @@ def block_latency_table(
     teacher_blocks: dict[str, float] = {}
     for spec in specs:
         shape = (batch, *spec.in_shape)
-        wanted = pools[spec.name]["candidates"]  # the target's rejections are already gone
+        wanted = pools[spec.name]["choices"]  # the target's rejections are already gone
         # the teacher's block is always timed: it is the reference even where not allowed
-        pool = build_pool(spec, teacher.get_submodule(spec.name), wanted)
-        pool = {name: m for name, m in pool.items() if name in wanted or name == "teacher"}
+        block = teacher.get_submodule(spec.name)
+        pool = {
+            name: build_choice(name, spec, block) for name in dict.fromkeys(["teacher", *wanted])
+        }
         net, floor, hit = measure_cached_group(backend, cache, pool, shape, cfg.rounds, **kw)
         hits += hit
         floors["x".join(map(str, shape))] = floor
@@ -88,8 +93,11 @@ def block_latency_table(
         "teacher_outside": (outside_network(teacher, specs), input_shape),
         "teacher": (teacher, input_shape),
     }
-    if shell is not None:
-        items["outside"] = (outside_network(shell, specs), input_shape)
+    outside = outside_network(shell if shell is not None else teacher, specs)
+    if quantize_outside is not None:
+        quantize_outside(outside, torch.randn(2, *input_shape[1:]))
+    if shell is not None or quantize_outside is not None:
+        items["outside"] = (outside, input_shape)
     wholes = backend.measure_interleaved(items, rounds=cfg.rounds, **kw)
     outside_ms = wholes.get("outside", wholes["teacher_outside"])
     teacher_ms = wholes["teacher"]
@@ -119,5 +127,8 @@ def block_latency_table(
         "teacher_macs": teacher_macs,
         "outside_params": base_params,
         "outside_macs": base_macs,
+        "outside_size_bits": model_size_bits(outside)
+        - sum(model_size_bits(m) for m in outside.modules() if isinstance(m, BlockStub)),
+        "teacher_size_bits": model_size_bits(teacher),
         "cache_hits": hits,
     }

@@ -1,7 +1,13 @@
-"""Export teacher and student to ONNX, verify them, and time both in the same run."""
+"""Export teacher and student to ONNX, verify them, and time both in the same run.
+
+A quantized student is exported as QDQ ONNX, checked against its fake-quantized PyTorch self
+within one output step, and timed next to its float twin (the same network without
+quantizers) so the gain from integer kernels is measured, not assumed.
+"""
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -9,6 +15,14 @@ from torch import nn
 from archnet.costs import outside_network
 from archnet.errors import ArchnetError
 from archnet.onnx_utils import ExportMismatchError, check_against_torch, export_onnx
+from archnet.quant import (
+    QuantModule,
+    export_qdq,
+    is_quantized,
+    model_size_bits,
+    qdq_report,
+    strip_quantizers,
+)
 from archnet.targets.opset import check_model
 
 if TYPE_CHECKING:
@@ -23,14 +37,30 @@ def export_and_measure(run: Run, teacher: nn.Module, student: nn.Module) -> dict
         x = x.repeat(-(-shape[0] // len(x)), *([1] * (x.dim() - 1)))[: shape[0]]
     out: dict[str, Any] = {"input_shape": list(shape)}
     protos = {}
-    for name, model in (("teacher", teacher), ("student", student)):
-        proto = export_onnx(model, shape, run.path(f"{name}.onnx"))
+    quantized = is_quantized(student)
+    networks = {"teacher": teacher, "student": student}
+    if quantized:
+        networks["student_fp32"] = strip_quantizers(copy.deepcopy(student))
+    for name, model in networks.items():
+        path = run.path(f"{name}.onnx")
+        q = name == "student" and quantized
+        proto = export_qdq(model, shape, path) if q else export_onnx(model, shape, path)
         protos[name] = proto
+        # a QDQ graph must agree within one step at the output; a float one to rounding
+        tol = {"rtol": 0.0, "atol": output_step(model)} if q else {"rtol": 1e-3, "atol": 1e-3}
         try:
-            out[f"{name}_max_abs_diff"] = check_against_torch(model, proto, x, rtol=1e-3, atol=1e-3)
+            out[f"{name}_max_abs_diff"] = check_against_torch(model, proto, x, **tol)
         except ExportMismatchError as e:
             raise ArchnetError(f"{name}.onnx disagrees with PyTorch: {e}") from None
         out[f"{name}_ops"] = sorted({n.op_type for n in proto.graph.node})
+    if quantized:
+        out["quantization"] = {
+            "output_step": output_step(student),
+            "tensors": qdq_report(protos["student"]),
+            "size_bits": model_size_bits(student),
+            "fp32_size_bits": model_size_bits(networks["student_fp32"]),
+            "teacher_size_bits": model_size_bits(teacher),
+        }
     violations = check_model(protos["student"], run.target)
     if violations:
         listed = "; ".join(str(v) for v in violations[:5])
@@ -40,8 +70,11 @@ def export_and_measure(run: Run, teacher: nn.Module, student: nn.Module) -> dict
     out["student_violations"] = 0
     backend = run.target.latency_backend()
     cfg = run.config.latency
+    items = _timing_items(run, {"teacher": teacher, "student": student}, shape)
+    if quantized:
+        items["student_fp32"] = (networks["student_fp32"], shape)
     times = backend.measure_interleaved(
-        _timing_items(run, {"teacher": teacher, "student": student}, shape),
+        items,
         rounds=cfg.rounds,
         warmup=cfg.warmup,
         repeats=cfg.repeats,
@@ -56,6 +89,9 @@ def export_and_measure(run: Run, teacher: nn.Module, student: nn.Module) -> dict
             "speedup": times["teacher"] / times["student"],
         }
     )
+    if quantized:
+        out["student_fp32_ms"] = times["student_fp32"]
+        out["quantized_speedup"] = times["student_fp32"] / times["student"]
     for name in ("teacher", "student"):
         out[f"{name}_sum_of_parts_ms"] = times[f"{name}/outside"] + sum(
             max(times[f"{name}/{s.name}"] - times[f"floor/{s.in_shape}"], 0.0) for s in run.specs
@@ -81,3 +117,15 @@ def _timing_items(
     for s in run.specs:
         items[f"floor/{s.in_shape}"] = (nn.Identity(), (batch, *s.in_shape))
     return items
+
+
+def output_step(model: nn.Module) -> float:
+    """One quantization step at the output of the model's last quantized layer.
+
+    The last layer's input step times its largest absolute weight row sum: how far its output
+    can move when every input value moves by one step: the tolerance for the runtime's
+    integer rounding.
+    """
+    last = [m for m in model.modules() if isinstance(m, QuantModule)][-1]
+    weight = last.weight_quant(last.weight).detach().flatten(1)
+    return float(last.act_quant.step.detach().max()) * float(weight.abs().sum(1).max())

@@ -24,6 +24,7 @@ from torch import nn
 
 from archnet.blocks import BlockSpec, FeatureCache, find_blocks
 from archnet.candidates import build_pool
+from archnet.choices import Bits, choice_name, quantize_from
 from archnet.config import ConvertConfig, parse_budget
 from archnet.costs import block_latency_table
 from archnet.data import ImageData
@@ -32,6 +33,16 @@ from archnet.distill.finetune import assemble, finetune
 from archnet.errors import ArchnetError
 from archnet.flops import count_macs, count_params
 from archnet.opconvert import split_wide_layers
+from archnet.quant import (
+    QuantConfig,
+    QuantModule,
+    calibrate,
+    fold_bn,
+    is_quantized,
+    model_size_bits,
+    parse_bits,
+    quantize_model,
+)
 from archnet.score import logits_of, replace_one_block, top1
 from archnet.search import SearchResult, SearchTable, pareto_sweep, plot_pareto, solve
 from archnet.targets import LatencyCache, Target, load_target
@@ -143,13 +154,51 @@ class Run:
     def images(self, split: str) -> torch.Tensor:
         return self.data[f"{split}_images"].float()
 
-    def jobs(self) -> list[CandidateJob]:
+    def jobs(self, choices_only: bool = False) -> list[CandidateJob]:
+        """Training jobs: every float candidate (quantized choices start from them) and every
+        choice of the search; ``choices_only`` keeps just the choices."""
         pools = _read_json(self.path("pool.json"))
-        return [
-            CandidateJob(i, spec, name, self.path(f"candidates/{i:03d}_{spec.name}/{name}.pt"))
-            for i, spec in enumerate(self.specs)
-            for name in pools[spec.name]["candidates"]
-        ]
+        jobs = []
+        for i, spec in enumerate(self.specs):
+            pool = pools[spec.name]
+            names = (
+                pool["choices"]
+                if choices_only
+                else dict.fromkeys(pool["candidates"] + pool["choices"])
+            )
+            jobs += [
+                CandidateJob(i, spec, name, self.path(f"candidates/{i:03d}_{spec.name}/{name}.pt"))
+                for name in names
+            ]
+        return jobs
+
+    @property
+    def bit_options(self) -> list[Bits | None]:
+        """The bit widths each candidate is offered at; ``[None]`` for a float student."""
+        bits = self.config.bits
+        if not bits:
+            return [None]
+        if bits == "auto":
+            return [parse_bits(b) for b in self.config.bit_choices.split(",")]
+        return [parse_bits(bits)]
+
+    def quantize_outside(self, model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+        """Fold and quantize the layers a quantized student has outside its blocks (in place).
+
+        The first and last layers get ``first_last`` (8 bits by default: few weights, most
+        sensitive); the rest of the stem and head the widest of the block choices' bits.
+        """
+        options = self.bit_options
+        if options == [None]:
+            return model
+        first_last = (
+            None if self.config.first_last == "same" else parse_bits(self.config.first_last)
+        )
+        widest = max(options, key=lambda b: (b[0] + b[1], b))
+        fold_bn(model, calibration[:2])
+        quantize_model(model, QuantConfig(widest[0], widest[1], first_last))
+        calibrate(model, calibration)
+        return model
 
     def teacher_block(self, spec: BlockSpec) -> nn.Module:
         return self.teacher.get_submodule(spec.name)
@@ -293,31 +342,55 @@ def _candidates(run: Run) -> dict[str, Any]:
         if cap is None:
             cap = 1.5 if run.mode == "hant" else 0
         max_channels = run.target.rules.max_channels if run.mode == "archnet" else None
+        costs = {}
         for name, module in pool.items():
             if max_channels:
                 split_wide_layers(module, max_channels)
             macs = count_macs(module, spec.in_shape)
-            reason = rejects(run.target, module, shape)
+            params = count_params(module)
+            sizes = _choice_sizes(module, run.bit_options, spec)
+            # a quantized student is checked as it will run: as its QDQ graph
+            checked = sizes.pop("module")
+            reason = rejects(run.target, checked, shape)
             if not reason and cap and name != "teacher" and macs > cap * max(teacher_macs, 1):
                 reason = f"{macs / max(teacher_macs, 1):.1f}x the teacher block's MACs (cap {cap})"
             if reason:
                 rejected.setdefault(spec.name, {})[name] = reason
                 continue
-            kept[name] = {"params": count_params(module), "macs": macs}
+            kept[name] = {"params": params, "macs": macs}
+            for bits, size in sizes.items():
+                costs[choice_name(name, bits)] = {"params": params, "macs": macs, "size_bits": size}
         if not kept:
             raise ArchnetError(
                 f"block {spec.name}: no candidate runs on target {run.target.name}; "
                 "widen --candidates or use another target"
             )
-        pools[spec.name] = {"candidates": list(kept), "costs": kept}
+        pools[spec.name] = {"candidates": list(kept), "choices": list(costs), "costs": costs}
     _write_json(run.path("pool.json"), pools)
     _write_json(run.path("rejected.json"), rejected)
-    sizes = [len(p["candidates"]) for p in pools.values()]
+    sizes = [len(p["choices"]) for p in pools.values()]
     return {
         "pool_size": sum(sizes),
         "space_log10": float(np.sum(np.log10(sizes))),
         "rejected": sum(len(v) for v in rejected.values()),
     }
+
+
+def _choice_sizes(module: nn.Module, options: list[Bits | None], spec: BlockSpec) -> dict:
+    """Size in bits of ``module`` at each bit option, and the module to check on the target
+    (under ``"module"``): the float module, or its quantized version in a quantized run."""
+    if options == [None]:
+        return {None: model_size_bits(module), "module": module}
+    import copy
+
+    quantized = quantize_from(copy.deepcopy(module), options[0], spec)
+    weights = sum(m.weight.numel() for m in quantized.modules() if isinstance(m, QuantModule))
+    rest = model_size_bits(quantized) - weights * options[0][0]
+    if not is_quantized(quantized):
+        options = options[:1]  # nothing to quantize (an identity skip): one choice is enough
+    out: dict = {bits: rest + weights * bits[0] for bits in options}
+    out["module"] = quantized
+    return out
 
 
 @stage("latency")
@@ -329,7 +402,7 @@ def _latency(run: Run) -> dict[str, Any]:
     with LatencyCache(run.path("latency.sqlite")) as cache, progress_bar() as bar:
         # every candidate, each teacher block (the reference, even where the target rejects it),
         # the outside parts and the whole teacher
-        total = sum(len({"teacher", *p["candidates"]}) for p in pools.values()) + 2
+        total = sum(len({"teacher", *p["choices"]}) for p in pools.values()) + 2
         task = bar.add_task(
             f"latency ({backend.name}, {backend.device}, {backend.threads} thread(s))", total=total
         )
@@ -344,6 +417,7 @@ def _latency(run: Run) -> dict[str, Any]:
             cfg,
             on_done=lambda: bar.advance(task),
             shell=shell,
+            quantize_outside=run.quantize_outside if run.bit_options != [None] else None,
         )
     _write_json(run.path("latency.json"), table)
     return {
@@ -362,8 +436,8 @@ def _distill(run: Run) -> dict[str, Any]:
     blocks = {s.name: run.teacher_block(s) for s in run.specs}
     with progress_bar() as bar:
         task = bar.add_task(
-            f"blockwise distillation ({len(jobs)} candidates, {len(jobs) - len(todo)} cached)",
-            total=len(todo) * steps_per_job(n, cfg),
+            f"blockwise distillation ({len(jobs)} jobs, {len(jobs) - len(todo)} cached)",
+            total=sum(steps_per_job(n, cfg, j.bits is not None) for j in todo),
         )
         per_job = bar.add_task("  candidates done", total=len(jobs))
         bar.update(per_job, completed=len(jobs) - len([j for j in jobs if not j.path.exists()]))
@@ -371,7 +445,7 @@ def _distill(run: Run) -> dict[str, Any]:
         def done(job: CandidateJob, metrics: dict) -> None:
             bar.advance(per_job)
             if cfg.workers > 1:
-                bar.advance(task, steps_per_job(n, cfg))
+                bar.advance(task, steps_per_job(n, cfg, job.bits is not None))
 
         run_jobs(
             jobs,
@@ -393,7 +467,7 @@ def _score(run: Run) -> dict[str, Any]:
     labels = run.data.get("eval_labels")
     ev = run.images("eval") if labels is not None else None
     scores: dict[str, dict[str, Any]] = {}
-    jobs = run.jobs()
+    jobs = run.jobs(choices_only=True)
     with progress_bar() as bar:
         task = bar.add_task("replace-one-block scores", total=len(jobs))
         for job in jobs:
@@ -412,7 +486,7 @@ def search_table(run: Run) -> SearchTable:
     scores = _read_json(run.path("scores.json"))
     lat = _read_json(run.path("latency.json"))
     names = [s.name for s in run.specs]
-    cands = [pools[b]["candidates"] for b in names]
+    cands = [pools[b]["choices"] for b in names]
 
     def col(f: Callable[[str, str], float]) -> list[np.ndarray]:
         return [
@@ -428,11 +502,13 @@ def search_table(run: Run) -> SearchTable:
             "latency_ms": col(lambda b, c: lat["blocks"][b][c]),
             "params": col(lambda b, c: pools[b]["costs"][c]["params"]),
             "macs": col(lambda b, c: pools[b]["costs"][c]["macs"]),
+            "size_bits": col(lambda b, c: pools[b]["costs"][c]["size_bits"]),
         },
         offsets={
             "latency_ms": lat["outside_ms"],
             "params": lat["outside_params"],
             "macs": lat["outside_macs"],
+            "size_bits": lat["outside_size_bits"],
         },
     )
 
@@ -451,6 +527,7 @@ def budgets(run: Run) -> dict[str, float]:
     for key, text, ref in (
         ("params", cfg.params_budget, lat["teacher_params"]),
         ("macs", cfg.macs_budget, lat["teacher_macs"]),
+        ("size_bits", cfg.size_budget, lat["teacher_size_bits"]),
     ):
         if text:
             out[key] = parse_budget(text, key).resolve(ref)
@@ -466,6 +543,7 @@ def _search(run: Run) -> dict[str, Any]:
         "latency_ms": lat["teacher_predicted_ms"],
         "params": lat["teacher_params"],
         "macs": lat["teacher_macs"],
+        "size_bits": lat["teacher_size_bits"],
     }
     result = solve(table, limits, reference=reference)
     sweep = pareto_sweep(table, "latency_ms", extra_budgets=limits)
@@ -519,7 +597,7 @@ def _assemble(run: Run) -> dict[str, Any]:
 def build_student(run: Run) -> tuple[nn.Module, list[tuple[str, str, str]]]:
     """The shell with the chosen candidates (trained blockwise) swapped in, not yet fine-tuned."""
     result = chosen(run)
-    jobs = {(j.spec.name, j.name): j for j in run.jobs()}
+    jobs = {(j.spec.name, j.name): j for j in run.jobs(choices_only=True)}
     replacements = {
         spec.name: load_candidate(jobs[(spec.name, name)], run.teacher_block(spec))[0]
         for spec, name in zip(run.specs, result.names)
@@ -530,6 +608,7 @@ def build_student(run: Run) -> tuple[nn.Module, list[tuple[str, str, str]]]:
     if run.mode == "archnet" and run.target.rules.max_channels:
         # candidates were trained unsplit; the split is exact, so it is applied once, here
         split_wide_layers(student, run.target.rules.max_channels)
+    run.quantize_outside(student, run.images("train")[:256])
     return student, conversions
 
 

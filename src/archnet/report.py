@@ -31,6 +31,7 @@ def build_report(run: Run) -> dict[str, Any]:
         "predicted_latency_ms": lat["teacher_predicted_ms"],
         "params": lat["teacher_params"],
         "macs": lat["teacher_macs"],
+        "size_bits": lat["teacher_size_bits"],
     }
     teacher["sum_of_parts_ms"] = exp["teacher_sum_of_parts_ms"]
     student = {
@@ -39,6 +40,7 @@ def build_report(run: Run) -> dict[str, Any]:
         "predicted_latency_ms": result["totals"]["latency_ms"],
         "params": int(result["totals"]["params"]),
         "macs": int(result["totals"]["macs"]),
+        "size_bits": int(result["totals"]["size_bits"]),
         "kl_from_teacher": asm["after_finetune"]["kl"],
         "kl_before_finetune": asm["before_finetune"]["kl"],
     }
@@ -57,7 +59,7 @@ def build_report(run: Run) -> dict[str, Any]:
                 "teacher_latency_ms": lat["teacher_blocks"][name],
                 "kl": row["kl"],
                 "val_nmse": row["val_nmse"],
-                "pool_size": len(pools[name]["candidates"]),
+                "pool_size": len(pools[name]["choices"]),
             }
         )
     proxies = _proxy_quality(scores)
@@ -99,8 +101,36 @@ def build_report(run: Run) -> dict[str, Any]:
             ],
         },
         "proxies": proxies,
+        "quantization": _quantization(run, exp),
         "blocks": blocks,
         "stage_seconds": {k: v.get("seconds") for k, v in done.items() if "seconds" in v},
+    }
+
+
+def _quantization(run: Run, exp: dict[str, Any]) -> dict[str, Any] | None:
+    """Bits, storage and the QDQ export's agreement and speed against the float twin."""
+    q = exp.get("quantization")
+    if q is None:
+        return None
+    storage: dict[str, int] = {}
+    for t in q["tensors"]:
+        key = f"{t['kind']} {t['bits']}-bit as {t['storage']}"
+        storage[key] = storage.get(key, 0) + 1
+    cfg = run.config
+    return {
+        "bits": cfg.bits,
+        "bit_choices": cfg.bit_choices if cfg.bits == "auto" else None,
+        "first_last": cfg.first_last,
+        "tensors": len(q["tensors"]),
+        "storage": storage,
+        "output_step": q["output_step"],
+        "max_abs_diff": exp["student_max_abs_diff"],
+        "size_bits": q["size_bits"],
+        "fp32_size_bits": q["fp32_size_bits"],
+        "teacher_size_bits": q["teacher_size_bits"],
+        "fp32_student_ms": exp["student_fp32_ms"],
+        "qdq_student_ms": exp["student_ms"],
+        "qdq_speedup_vs_fp32": exp["quantized_speedup"],
     }
 
 
@@ -159,6 +189,8 @@ def render_markdown(rep: dict[str, Any]) -> str:
         "(student, includes machine drift) |",
         f"| parameters | {t['params']:,} | {s['params']:,} | {s['params'] / t['params']:.2f} |",
         f"| MACs | {t['macs']:,} | {s['macs']:,} | {s['macs'] / t['macs']:.2f} |",
+        f"| size (kB) | {t['size_bits'] / 8e3:,.1f} | {s['size_bits'] / 8e3:,.1f} | "
+        f"{s['size_bits'] / t['size_bits']:.3f} |",
     ]
     if "top1" in s:
         lines.append(
@@ -215,6 +247,7 @@ def render_markdown(rep: dict[str, Any]) -> str:
         ]
         for label, row in rep["ablation"].items():
             lines.append(f"| {label} | {_fmt(row.get('top1'), '.2f')} | {row['kl']:.4f} |")
+    lines += _quantization_lines(rep.get("quantization"))
     o = rep["onnx"]
     lines += [
         "",
@@ -232,6 +265,39 @@ def render_markdown(rep: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _quantization_lines(q: dict[str, Any] | None) -> list[str]:
+    if not q:
+        return []
+    bits = q["bits"] if q["bits"] != "auto" else f"chosen per block among {q['bit_choices']}"
+    lines = [
+        "",
+        "## Quantization",
+        "",
+        f"Bits {bits}; first and last layer {q['first_last']}. Batch norm folded, LSQ "
+        "fake-quantization trained blockwise and end to end; exported as QDQ ONNX "
+        "(`student.onnx`), the float twin as `student_fp32.onnx`.",
+        "",
+        "| tensors | count |",
+        "|---|---:|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in sorted(q["storage"].items())]
+    lines += [
+        "",
+        "Below 8 bits, values are held in int8/uint8 restricted to the narrower range (a Clip "
+        "before each QuantizeLinear) unless the storage above says int4/uint4.",
+        "",
+        f"QDQ vs PyTorch fake-quant: max abs difference {q['max_abs_diff']:.2e}, one output step "
+        f"{q['output_step']:.2e}. Size {q['size_bits'] / 8e3:,.1f} kB vs {q['fp32_size_bits'] / 8e3:,.1f} kB "
+        f"as FP32 ({q['fp32_size_bits'] / max(q['size_bits'], 1):.1f}x smaller).",
+        "",
+        "| same run | FP32 student | QDQ student | ratio |",
+        "|---|---:|---:|---:|",
+        f"| latency (ms) | {q['fp32_student_ms']:.3f} | {q['qdq_student_ms']:.3f} | "
+        f"{q['qdq_speedup_vs_fp32']:.2f}x faster |",
+    ]
+    return lines
 
 
 def plot_blocks(rep: dict[str, Any], path: str) -> None:

@@ -10,10 +10,13 @@ from archnet.quant import (
     QuantConfig,
     QuantConv2d,
     QuantLinear,
+    calibrate,
     fold_bn,
+    is_quantized,
     model_size_bits,
     parse_bits,
     quantize_model,
+    strip_quantizers,
 )
 from archnet.zoo import create_model
 
@@ -119,3 +122,86 @@ def test_quantized_training_lowers_loss() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+class _StemHead(nn.Module):
+    """timm naming: ``conv_stem`` feeds ``bn1``, which names alone do not reveal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv_head = nn.Conv2d(8, 16, 1)
+        self.bn2 = nn.BatchNorm2d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv_head(torch.relu(self.bn1(self.conv_stem(x)))))
+
+
+def test_traced_fold_finds_pairs_names_miss_and_is_exact() -> None:
+    model = _StemHead().eval()
+    _randomise_bn(model)
+    x = torch.randn(4, 3, 8, 8)
+    expected = model(x)
+    fold_bn(model, x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class _Shared(nn.Module):
+    """The conv's output is used twice: folding its batch norm would change the other use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_traced_fold_refuses_a_change_of_output() -> None:
+    model = _Shared().eval()
+    _randomise_bn(model)
+    with pytest.raises(ValueError, match="changed the output"):
+        fold_bn(model, torch.randn(2, 3, 8, 8))
+
+
+def test_fold_timm_batchnorm_act_keeps_its_activation() -> None:
+    from timm.layers import BatchNormAct2d
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BatchNormAct2d(8, act_layer=nn.ReLU))
+    _randomise_bn(model)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    fold_bn(model, x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert any(isinstance(m, nn.ReLU) for m in model.modules())
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_strip_quantizers_restores_float_layers() -> None:
+    model = create_model("tiny_resnet", num_classes=10).eval()
+    quantize_model(model, QuantConfig(4, 4))
+    calibrate(model, torch.randn(4, 3, 32, 32))
+    weights = {n: p.clone() for n, p in model.named_parameters() if n.endswith("weight")}
+    assert is_quantized(model)
+    strip_quantizers(model)
+    assert not is_quantized(model)
+    after = dict(model.named_parameters())
+    for name, w in weights.items():
+        torch.testing.assert_close(after[name], w)
+
+
+def test_quantize_model_keeps_quantized_layers_and_counts_them_as_edges() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.LazyLinear(2)
+    )
+    model(torch.randn(1, 3, 8, 8))
+    model[0] = QuantConv2d.from_float(model[0], 2, 2)
+    quantize_model(model, QuantConfig(4, 4, (8, 8)))
+    assert model[0].weight_bits == 2  # already quantized: kept, though it is the first layer
+    assert model[2].weight_bits == 4  # not promoted to the first layer
+    assert model[4].weight_bits == 8

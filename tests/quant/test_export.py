@@ -81,7 +81,8 @@ def test_report_storage() -> None:
     for entry in report:
         bits = 8 if entry["name"] in edges else 4
         assert entry["bits"] == bits
-        assert entry["storage"] in ({"int8"} if bits == 8 else {low, "u" + low})
+        assert entry["storage"] in ({"int8", "uint8"} if bits == 8 else {low, "u" + low})
+        assert entry["storage"].startswith("u") != entry["signed"]
 
 
 def test_sub4_bits_in_int8_storage() -> None:

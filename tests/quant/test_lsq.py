@@ -90,3 +90,21 @@ def test_loaded_state_is_not_reinitialised() -> None:
     fresh.load_state_dict(q.state_dict())
     fresh(torch.randn(3, 8) * 100)
     assert torch.allclose(fresh.step.detach(), torch.full((3,), 0.123))
+
+
+def test_inferred_sign_follows_calibration_data_and_survives_state_dict() -> None:
+    q = LSQQuantizer(4, True, infer_sign=True)
+    q(torch.rand(64))  # no negative values: one more bit of resolution, unsigned
+    assert not q.signed and (q.qmin, q.qmax) == (0, 15)
+    again = LSQQuantizer(4, True, infer_sign=True)
+    again.load_state_dict(q.state_dict())
+    assert not again.signed and bool(again.initialized)
+    signed = LSQQuantizer(4, True, infer_sign=True)
+    signed(torch.randn(64))
+    assert signed.signed and (signed.qmin, signed.qmax) == (-8, 7)
+
+
+def test_fixed_sign_is_not_inferred() -> None:
+    q = LSQQuantizer(4, True)
+    q(torch.rand(64))
+    assert q.signed

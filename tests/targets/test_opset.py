@@ -14,18 +14,32 @@ from torch import nn
 from archnet import cli
 from archnet.cli import main
 from archnet.onnx_utils import export_onnx, legacy_exporter_available
-from archnet.targets import Target, load_target
+from archnet.quant import (
+    QuantConfig,
+    calibrate,
+    export_qdq,
+    qdq_report,
+    quant_range,
+    quantize_model,
+)
+from archnet.quant.modules import QuantModule
+from archnet.targets import Target, load_target, opset
 from archnet.targets.opset import (
     _GROUPS,
+    COMPUTE_OPS,
+    QuantizedTensor,
     Violation,
     check_model,
+    float_compute_nodes,
     format_violation,
     module_of,
+    quantized_tensors,
     rejects,
 )
 from archnet.targets.target import CONV_GROUPS, Rules
 
 ARCHNET = load_target("archnet-5op")
+ARCHNET_INT = load_target("archnet-5op-int")
 
 
 def npu(extra_ops: frozenset[str] = frozenset(), **rules: object) -> Target:
@@ -396,4 +410,328 @@ def test_cli_targets_lists_archnet_5op(
 ) -> None:
     monkeypatch.setattr(cli.out, "width", 200)  # at 80 columns the table shortens names
     assert main(["targets"]) == 0
-    assert "archnet-5op" in capsys.readouterr().out
+    names = {
+        line.split("│")[1].strip() for line in capsys.readouterr().out.splitlines() if "│" in line
+    }
+    assert {"archnet-5op", "archnet-5op-int"} <= names
+
+
+# --- quantized (QDQ) graphs ----------------------------------------------------------------
+
+SCALE = 0.05
+
+
+def storage(signed: bool) -> tuple[int, type[np.integer]]:
+    return (TensorProto.INT8, np.int8) if signed else (TensorProto.UINT8, np.uint8)
+
+
+def quantize_input(g: GraphBuilder, name: str, bits: int = 8, signed: bool = False) -> str:
+    """``[Clip ->] QuantizeLinear -> DequantizeLinear`` on ``g.last``, as archnet exports an
+    activation: a Clip to the ``bits``-bit grid when that is narrower than 8-bit storage."""
+    _, dtype = storage(signed)
+    g.inits.append(numpy_helper.from_array(np.float32(SCALE), f"{name}_scale"))
+    g.inits.append(numpy_helper.from_array(np.zeros((), dtype), f"{name}_zp"))
+    q_in = g.last
+    if bits < 8:
+        qmin, qmax = quant_range(bits, signed)
+        g.inits.append(numpy_helper.from_array(np.float32(qmin * SCALE), f"{name}_lo"))
+        g.inits.append(numpy_helper.from_array(np.float32(qmax * SCALE), f"{name}_hi"))
+        q_in = g.add("Clip", f"{name}_clip", [q_in, f"{name}_lo", f"{name}_hi"])
+    q = g.add("QuantizeLinear", f"{name}_q", [q_in, f"{name}_scale", f"{name}_zp"])
+    return g.add("DequantizeLinear", f"{name}_dq", [q, f"{name}_scale", f"{name}_zp"])
+
+
+def int_weight(
+    g: GraphBuilder,
+    name: str,
+    shape: tuple[int, ...],
+    lo: int = -128,
+    hi: int = 127,
+    signed: bool = True,
+) -> str:
+    """Stored int8 (uint8) integers spanning exactly ``[lo, hi]`` behind a per-channel
+    DequantizeLinear; ``g.last`` is left alone so that the weight can feed the next node."""
+    _, dtype = storage(signed)
+    values = np.random.default_rng(0).integers(lo, hi + 1, shape)
+    values.flat[0], values.flat[-1] = lo, hi
+    g.inits.append(numpy_helper.from_array(values.astype(dtype), f"{name}_quantized"))
+    g.inits.append(numpy_helper.from_array(np.full(shape[0], SCALE, np.float32), f"{name}_scale"))
+    g.inits.append(numpy_helper.from_array(np.zeros(shape[0], dtype), f"{name}_zp"))
+    out = f"{name}_dq_out"
+    inputs = [f"{name}_quantized", f"{name}_scale", f"{name}_zp"]
+    g.nodes.append(helper.make_node("DequantizeLinear", inputs, [out], name=f"{name}_dq", axis=0))
+    return out
+
+
+def qdq_conv(
+    g: GraphBuilder,
+    name: str,
+    c_in: int,
+    c_out: int,
+    k: int = 3,
+    act_bits: int = 8,
+    kernel_attr: bool = True,
+) -> str:
+    """A convolution as a QDQ exporter writes it: quantized input, integer weight."""
+    x = quantize_input(g, f"{name}.input", act_bits)
+    w = int_weight(g, f"{name}.weight", (c_out, c_in, k, k))
+    attrs: dict[str, object] = {"kernel_shape": [k, k]} if kernel_attr else {}
+    return g.add("Conv", name, [x, w], pads=[(k - 1) // 2] * 4, **attrs)
+
+
+def qdq_compliant() -> GraphBuilder:
+    """The compliant graph of archnet-5op quantized: 4-bit (Clip-narrowed) and 8-bit tensors."""
+    g = GraphBuilder()
+    qdq_conv(g, "/stem/Conv", 8, 16, act_bits=4)
+    g.add("Relu", "/stem/act/Relu")
+    qdq_conv(g, "/body/Conv", 16, 16, act_bits=4)
+    g.add("Relu", "/body/act/Relu")
+    g.add("GlobalAveragePool", "/gap/GlobalAveragePool")
+    g.add("Flatten", "/Flatten", axis=1)
+    x = quantize_input(g, "fc.input")
+    g.add("Gemm", "/fc/Gemm", [x, int_weight(g, "fc.weight", (10, 16))], transB=1)
+    return g
+
+
+def test_qdq_graph_passes_archnet_5op() -> None:
+    model = qdq_compliant().model()
+    annotations = {"QuantizeLinear", "DequantizeLinear", "Clip"}
+    assert annotations <= {n.op_type for n in model.graph.node}
+    assert ARCHNET.allowed_ops is not None and not annotations & ARCHNET.allowed_ops
+    assert check_model(model, ARCHNET) == []
+    assert check_model(model, ARCHNET_INT) == []
+
+
+@pytest.mark.parametrize("kernel_attr", [True, False])
+def test_qdq_conv_kernel_rule_still_applies(
+    kernel_attr: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a kernel_shape attribute the kernel is read through DequantizeLinear to the
+    integer initializer, even where shape inference gives nothing."""
+    g = GraphBuilder()
+    qdq_conv(g, "/big/Conv", 8, 8, k=5, act_bits=4, kernel_attr=kernel_attr)
+    model = g.model()
+    del model.graph.value_info[:]
+    monkeypatch.setattr(opset, "_inferred_shapes", lambda model: {})
+    v = only(check_model(model, ARCHNET))
+    assert (v.node, v.op_type, v.attribute) == ("/big/Conv", "Conv", "kernel_shape=[5, 5]")
+
+
+def test_clip_that_is_not_a_quantization_annotation_is_an_op() -> None:
+    """Only a Clip with constant bounds feeding QuantizeLinear alone narrows a quantized tensor."""
+    g = GraphBuilder()
+    for name in ("lo", "hi"):
+        g.inits.append(numpy_helper.from_array(np.float32(1.0), name))
+    clipped = g.add("Clip", "/act/Clip", ["x", "lo", "hi"])  # a ReLU6-like activation
+    g.conv("/c/Conv", 8, 8)
+    g.add("Clip", "/dyn/Clip", [g.last, "x"])  # computed bound, although it feeds a Q
+    q = quantize_input(g, "q")
+    g.add("Concat", "/Concat", [clipped, q], axis=1)
+    found = [(v.node, v.op_type) for v in check_model(g.model(), ARCHNET)]
+    assert found == [("/act/Clip", "Clip"), ("/dyn/Clip", "Clip")]
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_weight_bits_from_stored_range(bits: int, signed: bool) -> None:
+    """int8 (uint8) storage whose values stay in a b-bit grid is a b-bit weight."""
+    g = GraphBuilder()
+    x = quantize_input(g, "in")
+    lo, hi = quant_range(bits, signed)
+    w = int_weight(g, "w", (8, 8, 3, 3), lo, hi, signed)
+    g.add("Conv", "/c/Conv", [x, w], kernel_shape=[3, 3])
+    weight = next(t for t in quantized_tensors(g.model()) if t.kind == "weight")
+    name = "int8" if signed else "uint8"
+    assert weight == QuantizedTensor("w_quantized", "weight", bits, name, signed, True, "Conv")
+
+
+@pytest.mark.parametrize(("below", "above"), [(0, 1), (1, 0)])
+def test_weight_bits_one_past_the_grid(below: int, above: int) -> None:
+    """One value past a b-bit grid needs b + 1 bits; the grid is the storage type's (signed
+    here), so non-negative values in int8 storage need a sign bit more than in uint8."""
+    bits = 4
+    qmin, qmax = quant_range(bits, signed=True)
+    g = GraphBuilder()
+    x = quantize_input(g, "in")
+    g.add("MatMul", "/m/MatMul", [x, int_weight(g, "w", (16, 4), qmin - below, qmax + above)])
+    weight = next(t for t in quantized_tensors(g.model()) if t.kind == "weight")
+    assert (weight.bits, weight.consumer) == (bits + 1, "MatMul")
+    u = GraphBuilder()
+    _, umax = quant_range(bits, signed=False)
+    u.add("MatMul", "/m/MatMul", [quantize_input(u, "in"), int_weight(u, "w", (16, 4), 0, umax)])
+    weight = next(t for t in quantized_tensors(u.model()) if t.kind == "weight")
+    assert (weight.storage, weight.bits) == ("int8", bits + 1)
+
+
+@pytest.mark.parametrize(("bits", "signed"), [(2, False), (4, False), (3, True), (8, False)])
+def test_activation_bits_from_clip(bits: int, signed: bool) -> None:
+    g = GraphBuilder()
+    x = quantize_input(g, "act", bits, signed)
+    g.add("Relu", "/r/Relu", [x])
+    model = g.model()
+    assert ("Clip" in {n.op_type for n in model.graph.node}) == (bits < 8)
+    (act,) = quantized_tensors(model)
+    expected = QuantizedTensor(
+        "x", "activation", bits, "int8" if signed else "uint8", signed, False, "Relu"
+    )
+    assert act == expected
+
+
+def test_quantized_tensors_of_float_graph_is_empty() -> None:
+    assert quantized_tensors(compliant().model()) == []
+
+
+def test_quantized_only_flags_float_compute() -> None:
+    target = npu(quantized_only=True)
+    model = compliant().model()
+    violations = check_model(model, target)
+    compute = [n for n in model.graph.node if n.op_type in COMPUTE_OPS]
+    assert [v.node for v in violations] == [n.name for n in compute for _ in range(2)]
+    first = violations[0]
+    assert first.reason == (
+        "float compute: input 'x' is not dequantized from an integer tensor "
+        "(npu rules.quantized_only = true)"
+    )
+    assert first.attribute == "input=x"
+    assert {n.name for n in float_compute_nodes(model)} == {n.name for n in compute}
+    assert check_model(model, npu()) == []  # the same graph is fine for a float chip
+
+    quantized = qdq_compliant().model()
+    assert check_model(quantized, target) == []
+    assert float_compute_nodes(quantized) == []
+
+
+def test_quantized_only_names_the_float_operand() -> None:
+    """A quantized weight does not make a float input integer, nor does a DequantizeLinear
+    over floats (float8 and the like) count as integer."""
+    g = GraphBuilder()
+    g.add("Conv", "/c/Conv", ["x", int_weight(g, "w", (8, 8, 3, 3))], kernel_shape=[3, 3])
+    v = only(check_model(g.model(), npu(quantized_only=True)))
+    assert (v.node, v.attribute) == ("/c/Conv", "input=x")
+
+    f = GraphBuilder()
+    for name, value in (("s", np.float32(1.0)), ("w8", np.zeros((8, 8, 3, 3), np.float32))):
+        f.inits.append(numpy_helper.from_array(value, name))
+    f.inits.append(helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, [], [0.0]))
+    f.nodes.append(helper.make_node("QuantizeLinear", ["w8", "s", "zp"], ["wq"], name="wq"))
+    f.nodes.append(helper.make_node("DequantizeLinear", ["wq", "s", "zp"], ["wd"], name="wd"))
+    f.add("Conv", "/f/Conv", [quantize_input(f, "in"), "wd"], kernel_shape=[3, 3])
+    model = helper.make_model(
+        helper.make_graph(f.nodes, "g", f.inputs, [onnx.ValueInfoProto(name=f.last)], f.inits),
+        opset_imports=[helper.make_opsetid("", 19)],
+    )
+    v = only(check_model(model, npu(quantized_only=True)))
+    assert (v.node, v.attribute) == ("/f/Conv", "input=wd")
+    weight = next(t for t in quantized_tensors(model) if t.kind == "weight")
+    assert (weight.name, weight.storage, weight.bits) == ("w8", "float8e4m3fn", 8)
+
+
+def test_rejects_on_integer_target_checks_the_qdq_export() -> None:
+    """A candidate is checked as it will run: float compute fails an integer-only target, the
+    same layers quantized (exported as QDQ) pass, and the kernel rules still apply."""
+    float_block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+    reason = rejects(ARCHNET_INT, float_block, (1, 3, 8, 8))
+    assert reason and "float compute" in reason
+    assert rejects(ARCHNET, float_block, (1, 3, 8, 8)) is None
+    wide = nn.Sequential(nn.Conv2d(3, 8, 5))
+    for module in (float_block, wide):
+        quantize_model(module, QuantConfig(4, 4, None))
+        calibrate(module, torch.randn(2, 3, 8, 8))
+    assert rejects(ARCHNET_INT, float_block, (1, 3, 8, 8)) is None
+    reason = rejects(ARCHNET_INT, wide, (1, 3, 8, 8))
+    assert reason and "kernel_shape=[5, 5]" in reason and "float compute" not in reason
+
+
+def tiny_quantized_classifier() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+    quantize_model(model, QuantConfig(4, 4, (8, 8)))
+    calibrate(model, torch.randn(8, 3, 16, 16))
+    return model
+
+
+def saturate_weights(model: nn.Module) -> None:
+    """Push one weight per layer past its clamp, as trained LSQ layers do: the stored integers
+    then reach the edge of the grid, which is all the graph can show of the bit width."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QuantModule):
+                m.weight.view(-1)[0] = m.weight_quant.step.max() * 2**10
+
+
+def summary(tensors: list[QuantizedTensor]) -> tuple[set[int], int]:
+    return {t.bits for t in tensors}, len(tensors)
+
+
+def test_real_qdq_export_bits_match_the_export_report() -> None:
+    model = tiny_quantized_classifier()
+    saturate_weights(model)
+    proto = export_qdq(model, (1, 3, 16, 16))
+    report, found = qdq_report(proto), quantized_tensors(proto)
+    assert len(found) == len(report)
+    for t, r in zip(found, report, strict=True):  # one DequantizeLinear per quantizer, in order
+        assert (t.kind, t.bits, t.signed, t.per_channel, t.storage) == (
+            r["kind"],
+            r["bits"],
+            r["signed"],
+            r["per_channel"],
+            r["storage"],
+        ), (t, r)
+    assert {t.bits for t in found} == {4, 8}
+    assert {t.consumer for t in found} == {"Conv", "Gemm"}
+    assert check_model(proto, ARCHNET_INT) == [] and float_compute_nodes(proto) == []
+
+
+def test_real_qdq_export_weight_bits_never_exceed_the_report() -> None:
+    """Unsaturated LSQ weights use fewer levels than their grid: the graph shows a narrower
+    width for weights, never a wider one; activations are pinned by their Clip or storage."""
+    proto = export_qdq(tiny_quantized_classifier(), (1, 3, 16, 16))
+    for t, r in zip(quantized_tensors(proto), qdq_report(proto), strict=True):
+        assert t.kind == r["kind"]
+        assert t.bits <= r["bits"] if t.kind == "weight" else t.bits == r["bits"]
+
+
+def test_cli_check_prints_quantized_tensors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli.out, "width", 200)  # at 80 columns the table shortens names
+    model = tiny_quantized_classifier()
+    saturate_weights(model)
+    path = tmp_path / "q.onnx"
+    proto = export_qdq(model, (1, 3, 16, 16), path=path)
+    tensors = quantized_tensors(proto)
+    assert main(["check", str(path), "--target", "archnet-5op-int"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"0 violation(s) of archnet-5op-int in {len(proto.graph.node)} nodes"
+    header = next(line for line in lines if "name" in line and "consumer" in line)
+    for col in ("kind", "bits", "storage", "signed", "per-channel"):
+        assert col in header
+    rows = [line.split("│")[1:-1] for line in lines if line.startswith("│")]
+    assert [[cell.strip() for cell in row][:4] for row in rows] == [
+        [t.name, t.kind, str(t.bits), t.storage] for t in tensors
+    ]
+    widths = sorted({t.bits for t in tensors}, reverse=True)
+    counts = ", ".join(f"{sum(t.bits == b for t in tensors)} at {b} bits" for b in widths)
+    assert lines[-1] == f"{len(tensors)} quantized tensors: {counts}; float compute nodes: 0"
+
+
+def test_cli_check_float_model_on_integer_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "f.onnx"
+    model = compliant().model()
+    onnx.save_model(model, str(path))
+    assert main(["check", str(path), "--target", "archnet-5op-int"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    compute = sum(n.op_type in COMPUTE_OPS for n in model.graph.node)
+    assert len(lines) == 2 * compute + 1  # two float operands per node, then the count
+    assert all("float compute: input" in line for line in lines[:-1])
+    assert "quantized tensors" not in lines[-1]

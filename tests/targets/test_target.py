@@ -1,5 +1,6 @@
 """Target profiles: built-ins load, user files load, and malformed files name the bad key."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from archnet.targets import Target, list_targets, load_target
 from archnet.targets.latency import LatencyBackend
 from archnet.targets.target import Rules
 
-BUILTINS = {"cpu-ort", "cpu-torch", "cuda-torch", "cuda-ort", "archnet-5op"}
+BUILTINS = {"cpu-ort", "cpu-torch", "cuda-torch", "cuda-ort", "archnet-5op", "archnet-5op-int"}
 
 GOOD = """
 name = "my-npu"
@@ -164,6 +165,11 @@ MALFORMED = {
         GOOD.replace("max_channels = 512", "max_channels = true"),
         "rules.max_channels",
     ),
+    "quantized_only string": (
+        GOOD + 'quantized_only = "yes"\n',
+        "rules.quantized_only must be true or false",
+    ),
+    "quantized_only int": (GOOD + "quantized_only = 1\n", "rules.quantized_only"),
 }
 
 
@@ -225,3 +231,26 @@ def test_every_rule_key_is_a_rules_field() -> None:
     from archnet.targets.target import _RULES
 
     assert set(_RULES) == {f.name for f in fields(Rules)}
+
+
+def test_archnet_5op_int_is_archnet_5op_for_integer_chips() -> None:
+    base, integer = load_target("archnet-5op"), load_target("archnet-5op-int")
+    assert integer.rules == replace(base.rules, quantized_only=True)
+    assert (integer.allowed_ops, integer.backend, integer.device) == (
+        base.allowed_ops,
+        base.backend,
+        base.device,
+    )
+    assert "integer" in integer.description and integer.description != base.description
+    assert not base.rules.quantized_only
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_quantized_only_round_trips(tmp_path: Path, value: bool) -> None:
+    text = GOOD.split("[rules]")[0] + f"[rules]\nquantized_only = {str(value).lower()}\n"
+    target = load_target(write(tmp_path, text))
+    assert target.rules == Rules(quantized_only=value)
+    assert bool(target.rules) is value  # false is the default: nothing is enforced
+    assert target.to_dict().get("rules") == ({"quantized_only": True} if value else None)
+    again = load_target(write(tmp_path, tomli_w.dumps(target.to_dict()), "again.toml"))
+    assert again.rules == target.rules

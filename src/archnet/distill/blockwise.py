@@ -4,10 +4,15 @@ Every candidate is an independent job: it reads the cached teacher input of its 
 regresses the cached teacher output (normalized MSE), and writes one checkpoint file. Jobs
 are deterministic per seed and a finished checkpoint is never trained again, so a killed run
 resumes where it stopped. Jobs run in-process or over a pool of processes.
+
+A quantized choice ('mbconv_k3@w4a4') is a second job on the same features: it starts from
+its trained float candidate, folds batch norm, quantizes, and is trained again (quantization
+while distilling, as Arch-Net does), so float jobs run first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Callable, Iterator
@@ -21,6 +26,7 @@ from torch import nn
 
 from archnet.blocks import BlockSpec, FeatureCache
 from archnet.candidates import build_candidate
+from archnet.choices import Bits, build_choice, parse_choice, quantize_from
 from archnet.distill.bn import recalibrate_bn
 from archnet.distill.losses import nmse
 
@@ -35,6 +41,15 @@ class BlockwiseConfig:
     weight_decay: float = 0.0
     max_samples: int | None = None  # cap on training features per candidate (None: all)
     workers: int = 1  # processes; 1 trains in this process
+    # quantized choices: further training after quantizing the trained float candidate
+    quant_epochs: int = 4
+    quant_lr: float = 1e-3
+
+    def for_job(self, quantized: bool) -> BlockwiseConfig:
+        """The schedule of a float or of a quantized job."""
+        if not quantized:
+            return self
+        return dataclasses.replace(self, epochs=self.quant_epochs, lr=self.quant_lr)
 
 
 @dataclass
@@ -43,6 +58,19 @@ class CandidateJob:
     spec: BlockSpec
     name: str
     path: Path
+
+    @property
+    def candidate(self) -> str:
+        return parse_choice(self.name)[0]
+
+    @property
+    def bits(self) -> Bits | None:
+        return parse_choice(self.name)[1]
+
+    @property
+    def float_path(self) -> Path:
+        """The checkpoint a quantized job starts from: its float candidate's."""
+        return self.path.with_name(f"{self.candidate}.pt")
 
     def seed(self, base: int) -> int:
         """A seed per (run seed, block, candidate): reordering jobs never changes a result."""
@@ -107,7 +135,8 @@ def train_block(
     return history
 
 
-def steps_per_job(n: int, cfg: BlockwiseConfig) -> int:
+def steps_per_job(n: int, cfg: BlockwiseConfig, quantized: bool = False) -> int:
+    cfg = cfg.for_job(quantized)
     n = n if cfg.max_samples is None else min(n, cfg.max_samples)
     return cfg.epochs * math.ceil(n / cfg.batch_size)
 
@@ -124,12 +153,14 @@ def run_job(
     cache = FeatureCache(cache_root)
     x, y = cache.block("train", job.block_index)
     trained = job.name != "teacher"  # the teacher's own block is the reference: nothing to learn
-    module, init = (
-        _best_start(job, teacher_block, x, y, base_seed)
-        if trained
-        else (build_candidate(job.name, job.spec, teacher_block), "teacher")
-    )
-    history = train_block(module, x, y, cfg, job.seed(base_seed), on_step) if trained else []
+    if job.bits is not None:
+        module, init = _quantized_start(job, teacher_block, x), f"float {job.candidate}"
+    elif trained:
+        module, init = _best_start(job, teacher_block, x, y, base_seed)
+    else:
+        module, init = build_candidate(job.name, job.spec, teacher_block), "teacher"
+    job_cfg = cfg.for_job(job.bits is not None)
+    history = train_block(module, x, y, job_cfg, job.seed(base_seed), on_step) if trained else []
     xv, yv = cache.block("heldout", job.block_index)
     metrics = {
         "block": job.spec.name,
@@ -137,7 +168,7 @@ def run_job(
         "train_loss": history,
         "val_nmse": evaluate_nmse(module, xv, yv),
         "init": init,
-        "config": asdict(cfg),
+        "config": asdict(job_cfg),
     }
     job.path.parent.mkdir(parents=True, exist_ok=True)
     tmp = job.path.with_suffix(".tmp")
@@ -165,6 +196,16 @@ def _best_start(
     return starts[best], best
 
 
+def _quantized_start(job: CandidateJob, teacher_block: nn.Module, x: np.ndarray) -> nn.Module:
+    """The trained float candidate (or the teacher's block), folded and quantized, with steps
+    initialised from its own training inputs."""
+    module = build_candidate(job.candidate, job.spec, teacher_block)
+    if job.candidate != "teacher":
+        module.load_state_dict(torch.load(job.float_path, map_location="cpu")["state_dict"])
+    calibration = _tensor(x, np.arange(min(len(x), 256)))
+    return quantize_from(module, job.bits, job.spec, calibration)
+
+
 def _worker_init() -> None:
     torch.set_num_threads(1)
 
@@ -182,10 +223,14 @@ def run_jobs(
     on_job_done: Callable[[CandidateJob, dict], None],
     on_step: Callable[[], None] | None = None,
 ) -> None:
-    """Run the jobs whose checkpoint does not exist yet, in-process or over ``cfg.workers``."""
+    """Run the jobs whose checkpoint does not exist yet, in-process or over ``cfg.workers``.
+
+    Float jobs run before quantized ones, which start from their results.
+    """
     todo = [j for j in jobs if not j.path.exists()]
+    phases = [[j for j in todo if j.bits is None], [j for j in todo if j.bits is not None]]
     if cfg.workers <= 1:
-        for job in todo:
+        for job in phases[0] + phases[1]:
             on_job_done(
                 job,
                 run_job(
@@ -196,14 +241,17 @@ def run_jobs(
     import multiprocessing as mp
 
     with ProcessPoolExecutor(cfg.workers, mp.get_context("spawn"), _worker_init) as pool:
-        args = [(j, teacher_blocks[j.spec.name], str(cache_root), cfg, base_seed) for j in todo]
-        for job, metrics in zip(todo, pool.map(_run_job_worker, args), strict=False):
-            on_job_done(job, metrics)
+        for phase in phases:
+            args = [
+                (j, teacher_blocks[j.spec.name], str(cache_root), cfg, base_seed) for j in phase
+            ]
+            for job, metrics in zip(phase, pool.map(_run_job_worker, args), strict=False):
+                on_job_done(job, metrics)
 
 
 def load_candidate(job: CandidateJob, teacher_block: nn.Module) -> tuple[nn.Module, dict]:
     """Rebuild a trained candidate from its checkpoint."""
     ckpt = torch.load(job.path, map_location="cpu", weights_only=False)
-    module = build_candidate(job.name, job.spec, teacher_block)
+    module = build_choice(job.name, job.spec, teacher_block)
     module.load_state_dict(ckpt["state_dict"])
     return module.eval(), ckpt["metrics"]

@@ -1,7 +1,16 @@
 """Sub-8-bit quantization-aware training for students (LSQ) and its QDQ ONNX export."""
 
-from archnet.quant.api import QuantConfig, fold_bn, model_size_bits, parse_bits, quantize_model
-from archnet.quant.export import export_qdq, int4_supported, qdq_report
+from archnet.quant.api import (
+    QuantConfig,
+    calibrate,
+    fold_bn,
+    is_quantized,
+    model_size_bits,
+    parse_bits,
+    quantize_model,
+    strip_quantizers,
+)
+from archnet.quant.export import export_any, export_qdq, int4_supported, qdq_report
 from archnet.quant.lsq import LSQQuantizer, quant_range
 from archnet.quant.modules import QuantConv2d, QuantLinear, QuantModule, mark_unsigned_after_relu
 
@@ -11,13 +20,17 @@ __all__ = [
     "QuantConv2d",
     "QuantLinear",
     "QuantModule",
+    "calibrate",
+    "export_any",
     "export_qdq",
     "fold_bn",
     "int4_supported",
+    "is_quantized",
     "mark_unsigned_after_relu",
     "model_size_bits",
     "parse_bits",
     "qdq_report",
     "quant_range",
     "quantize_model",
+    "strip_quantizers",
 ]

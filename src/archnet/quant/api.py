@@ -13,10 +13,13 @@ from archnet.quant.modules import QuantConv2d, QuantLinear, QuantModule, mark_un
 
 __all__ = [
     "QuantConfig",
+    "calibrate",
     "fold_bn",
+    "is_quantized",
     "model_size_bits",
     "parse_bits",
     "quantize_model",
+    "strip_quantizers",
 ]
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -57,8 +60,7 @@ class QuantConfig:
         return cls(weight_bits=w, act_bits=a, first_last=first_last)
 
 
-def _is_layer(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Conv2d, nn.Linear)) and not isinstance(module, QuantModule)
+_LAYERS = (nn.Conv2d, nn.Linear)
 
 
 def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
@@ -72,19 +74,22 @@ def quantize_model(
 ) -> list[str]:
     """Swap every ``nn.Conv2d`` / ``nn.Linear`` (in place) for its quantized version.
 
-    ``filter_fn(module, qualified_name)`` chooses which layers to swap. The first and last
-    layers of the whole model (definition order, before filtering) get ``cfg.first_last``.
+    ``filter_fn(module, qualified_name)`` chooses which layers to swap; layers already
+    quantized are kept. The first and last layers of the whole model (definition order, before
+    filtering, quantized or not) get ``cfg.first_last``.
     Inputs that directly follow a ReLU in an ``nn.Sequential`` are quantized unsigned.
     Returns the qualified names of the swapped layers.
     """
     cfg = cfg or QuantConfig()
-    layers = [(n, m) for n, m in model.named_modules() if n and _is_layer(m)]
+    layers = [(n, m) for n, m in model.named_modules() if n and isinstance(m, _LAYERS)]
     if not layers:
         return []
     edge = {layers[0][0], layers[-1][0]} if cfg.first_last is not None else set()
     swapped: list[str] = []
     for name, module in layers:
-        if filter_fn is not None and not filter_fn(module, name):
+        if isinstance(module, QuantModule) or (
+            filter_fn is not None and not filter_fn(module, name)
+        ):
             continue
         w, a = cfg.first_last if name in edge else (cfg.weight_bits, cfg.act_bits)
         cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
@@ -107,11 +112,25 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
 
 
-def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+def _bn_remainder(bn: nn.Module) -> nn.Module | None:
+    """What is left of a batch norm once folded: nothing, or the activation it fuses.
+
+    timm's ``BatchNormAct2d`` applies dropout and an activation after normalising; any other
+    subclass may do more, so it is left alone (``None``).
+    """
+    if type(bn) is nn.BatchNorm2d:
+        return nn.Identity()
+    if isinstance(bn, nn.BatchNorm2d) and type(bn).__name__ == "BatchNormAct2d":
+        return nn.Sequential(getattr(bn, "drop", nn.Identity()), getattr(bn, "act", nn.Identity()))
+    return None
+
+
+def _foldable(conv: nn.Module, bn: nn.Module | None) -> bool:
     return (
         isinstance(conv, nn.Conv2d)
         and not isinstance(conv, QuantModule)
-        and type(bn) is nn.BatchNorm2d
+        and bn is not None
+        and _bn_remainder(bn) is not None
         and bn.running_mean is not None
         and conv.out_channels == bn.num_features
     )
@@ -121,30 +140,96 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 _CONV_NAME = re.compile(r"^conv(.*)$")
 
 
-def fold_bn(model: nn.Module, named_pairs: bool = True) -> nn.Module:
+def _structural_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """Conv -> BN pairs read from the structure: consecutive in an ``nn.Sequential``, or
+    sibling attributes ``conv<x>``/``bn<x>`` (the timm convention)."""
+    pairs = []
+    for prefix, parent in model.named_modules():
+        children = list(parent.named_children())
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(parent, nn.Sequential):
+            for (conv_name, _), (bn_name, _) in zip(children, children[1:]):
+                pairs.append((dot + conv_name, dot + bn_name))
+        else:
+            names = dict(children)
+            for name, _ in children:
+                match = _CONV_NAME.match(name)
+                if match and f"bn{match.group(1)}" in names:
+                    pairs.append((dot + name, f"{dot}bn{match.group(1)}"))
+    return pairs
+
+
+@torch.no_grad()
+def _traced_pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
+    """Conv -> BN pairs seen in a forward pass: a BN whose input is a conv's output tensor.
+
+    Finds pairs that names do not reveal (timm's ``conv_stem`` -> ``bn1``), and only pairs
+    that ``forward`` really applies back to back.
+    """
+    produced: dict[int, str] = {}
+    pairs: list[tuple[str, str]] = []
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            hooks.append(
+                module.register_forward_hook(
+                    lambda _m, _a, out, n=name: produced.__setitem__(id(out), n)
+                )
+            )
+        elif isinstance(module, nn.BatchNorm2d):
+            hooks.append(
+                module.register_forward_pre_hook(
+                    lambda _m, args, n=name: (
+                        pairs.append((produced[id(args[0])], n))
+                        if id(args[0]) in produced
+                        else None
+                    )
+                )
+            )
+    was_training = model.training
+    try:
+        model.eval()
+        model(x)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return pairs
+
+
+def fold_bn(model: nn.Module, example: torch.Tensor | None = None, atol: float = 1e-4) -> nn.Module:
     """Fold batch norms into the preceding convolution, replacing each with ``nn.Identity``.
 
     Quantizing the folded weight is what a deployed integer conv computes, so folding must
-    happen before ``quantize_model``. Pairs are a ``Conv2d`` followed by a ``BatchNorm2d`` in
-    an ``nn.Sequential`` and, with ``named_pairs``, sibling attributes ``conv<x>``/``bn<x>``
-    (the timm convention, which assumes ``forward`` applies ``bn<x>`` right after
-    ``conv<x>``). Uses running statistics: the result matches the model in eval mode.
+    happen before ``quantize_model``. With an ``example`` input, pairs are found by tracing
+    one forward pass and the folded model is checked against the original on it (a mismatch
+    above ``atol``, relative to the output's scale, raises); without one, pairs come from the
+    structure (consecutive in ``nn.Sequential``, or ``conv<x>``/``bn<x>`` siblings, which
+    assumes ``forward`` applies ``bn<x>`` right after ``conv<x>``). Uses running statistics:
+    the result matches the model in eval mode.
     """
-    for parent in list(model.modules()):
-        children = list(parent.named_children())
-        if isinstance(parent, nn.Sequential):
-            for (_, conv), (bn_name, bn) in zip(children, children[1:]):
-                if _foldable(conv, bn):
-                    _fold(conv, bn)
-                    setattr(parent, bn_name, nn.Identity())
-        elif named_pairs:
-            named = dict(children)
-            for name, conv in children:
-                match = _CONV_NAME.match(name)
-                bn_name = f"bn{match.group(1)}" if match else None
-                if bn_name and _foldable(conv, named.get(bn_name)):
-                    _fold(conv, named[bn_name])
-                    setattr(parent, bn_name, nn.Identity())
+    pairs = _traced_pairs(model, example) if example is not None else _structural_pairs(model)
+    if example is not None:
+        with torch.no_grad():
+            was_training = model.training
+            before = model.eval()(example)
+            model.train(was_training)
+    modules = dict(model.named_modules())
+    folded: set[str] = set()
+    for conv_name, bn_name in pairs:
+        conv, bn = modules.get(conv_name), modules.get(bn_name)
+        if bn_name in folded or not _foldable(conv, bn):
+            continue
+        _fold(conv, bn)
+        _set_submodule(model, bn_name, _bn_remainder(bn))
+        folded.add(bn_name)
+    if example is not None and folded:
+        with torch.no_grad():
+            after = model.eval()(example)
+            model.train(was_training)
+        err = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
+        if err > atol:
+            raise ValueError(f"folding batch norm changed the output by {err:.2e} (relative)")
     return model
 
 
@@ -163,3 +248,52 @@ def model_size_bits(model: nn.Module) -> int:
         if b.is_floating_point():
             total += b.numel() * 32
     return total
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` is a fake-quantized one."""
+    return any(isinstance(m, QuantModule) for m in model.modules())
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, x: torch.Tensor) -> None:
+    """Initialise every quantizer's step from one forward over ``x`` (a calibration batch).
+
+    Quantizers initialise on the first batch they see; a larger, fixed batch gives steadier
+    steps than the first training batch. Create optimisers after this call.
+    """
+    was_training = model.training
+    model.eval()
+    model(x)
+    model.train(was_training)
+
+
+def strip_quantizers(model: nn.Module) -> nn.Module:
+    """Replace (in place) each quantized layer by its float layer with the same weights.
+
+    The float twin of a quantized student: what a runtime without integer kernels runs, and
+    the reference a quantized export's latency is compared with.
+    """
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, QuantModule):
+            continue
+        if isinstance(module, nn.Conv2d):
+            plain: nn.Module = nn.Conv2d(
+                module.in_channels,
+                module.out_channels,
+                module.kernel_size,
+                stride=module.stride,
+                padding=module.padding,
+                dilation=module.dilation,
+                groups=module.groups,
+                bias=module.bias is not None,
+                padding_mode=module.padding_mode,
+            )
+        else:
+            plain = nn.Linear(module.in_features, module.out_features, module.bias is not None)
+        plain.load_state_dict(
+            {k: v for k, v in module.state_dict().items() if k in ("weight", "bias")}
+        )
+        plain.train(module.training)
+        _set_submodule(model, name, plain)
+    return model

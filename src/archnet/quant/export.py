@@ -27,7 +27,7 @@ from archnet.onnx_utils import export_onnx
 from archnet.quant.lsq import MIN_STEP, LSQQuantizer
 from archnet.quant.modules import QuantModule
 
-__all__ = ["export_qdq", "int4_supported", "qdq_report"]
+__all__ = ["export_any", "export_qdq", "int4_supported", "qdq_report"]
 
 PLACEHOLDER_DOMAIN = "archnet"
 REPORT_KEY = "archnet.qdq"
@@ -167,6 +167,8 @@ class _Rewriter:
         self.report.append(
             {
                 "name": entry.name,
+                # the graph tensor it describes: the stored integers, or the quantized input
+                "tensor": q_name if entry.weight is not None else node.input[0],
                 "kind": kind,
                 "bits": bits,
                 "signed": signed,
@@ -265,3 +267,10 @@ def qdq_report(model_proto: onnx.ModelProto) -> list[dict]:
         if prop.key == REPORT_KEY:
             return json.loads(prop.value)
     return []
+
+
+def export_any(model: nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelProto:
+    """QDQ ONNX for a fake-quantized model, plain ONNX for a float one."""
+    if any(isinstance(m, QuantModule) for m in model.modules()):
+        return export_qdq(model, input_shape)
+    return export_onnx(model, input_shape)

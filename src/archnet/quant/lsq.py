@@ -78,6 +78,7 @@ class LSQQuantizer(nn.Module):
         per_channel: bool = False,
         channel_axis: int = 0,
         num_channels: int | None = None,
+        infer_sign: bool = False,
     ) -> None:
         super().__init__()
         quant_range(bits, signed)  # validates
@@ -85,9 +86,12 @@ class LSQQuantizer(nn.Module):
         self._signed = signed
         self.per_channel = per_channel
         self.channel_axis = channel_axis
+        self.infer_sign = infer_sign
         n = num_channels if (per_channel and num_channels) else 1
         self.step = nn.Parameter(torch.ones(n))
         self.register_buffer("initialized", torch.tensor(False))
+        # Saved with the state dict: the sign may be decided from data (``infer_sign``).
+        self.register_buffer("is_signed", torch.tensor(signed))
         # Set by the QDQ exporter so each exported node can be traced back to its quantizer.
         self.export_id = -1
 
@@ -98,6 +102,11 @@ class LSQQuantizer(nn.Module):
     @signed.setter
     def signed(self, value: bool) -> None:
         self._signed = bool(value)
+        self.is_signed.fill_(self._signed)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._signed = bool(self.is_signed)
 
     @property
     def qmin(self) -> int:
@@ -109,7 +118,8 @@ class LSQQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = f"per_channel(axis={self.channel_axis})" if self.per_channel else "per_tensor"
-        return f"bits={self.bits}, signed={self._signed}, {kind}"
+        sign = "inferred" if self.infer_sign and not bool(self.initialized) else self._signed
+        return f"bits={self.bits}, signed={sign}, {kind}"
 
     def _reduce_dims(self, x: torch.Tensor) -> list[int]:
         axis = self.channel_axis % x.dim()
@@ -123,7 +133,13 @@ class LSQQuantizer(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
-        """Set the step from ``x`` with LSQ's rule (per channel when ``per_channel``)."""
+        """Set the step from ``x`` with LSQ's rule (per channel when ``per_channel``).
+
+        With ``infer_sign``, an input without negative values (one that follows a ReLU, or
+        an image in [0, 1]) is quantized unsigned, which gains one bit of resolution.
+        """
+        if self.infer_sign:
+            self.signed = bool((x < 0).any())
         if self.per_channel:
             mean_abs = x.detach().abs().mean(dim=self._reduce_dims(x))
         else:

@@ -27,11 +27,16 @@ class QuantModule:
     weight_quant: LSQQuantizer
     act_quant: LSQQuantizer
 
-    def _init_quantizers(self, weight_bits: int, act_bits: int, act_signed: bool, out: int) -> None:
+    def _init_quantizers(
+        self, weight_bits: int, act_bits: int, act_signed: bool | None, out: int
+    ) -> None:
+        """``act_signed=None`` decides the input's sign from the calibration batch."""
         self.weight_bits = weight_bits
         self.act_bits = act_bits
         self.weight_quant = LSQQuantizer(weight_bits, True, True, 0, num_channels=out)
-        self.act_quant = LSQQuantizer(act_bits, act_signed, False)
+        self.act_quant = LSQQuantizer(
+            act_bits, act_signed is not False, False, infer_sign=act_signed is None
+        )
 
 
 class QuantConv2d(QuantModule, nn.Conv2d):
@@ -42,7 +47,7 @@ class QuantConv2d(QuantModule, nn.Conv2d):
         *args,
         weight_bits: int = 4,
         act_bits: int = 4,
-        act_signed: bool = True,
+        act_signed: bool | None = None,
         **kwargs,
     ) -> None:
         nn.Conv2d.__init__(self, *args, **kwargs)
@@ -50,7 +55,7 @@ class QuantConv2d(QuantModule, nn.Conv2d):
 
     @classmethod
     def from_float(
-        cls, module: nn.Conv2d, weight_bits: int, act_bits: int, act_signed: bool = True
+        cls, module: nn.Conv2d, weight_bits: int, act_bits: int, act_signed: bool | None = None
     ) -> QuantConv2d:
         """A quantized copy of ``module`` with its weights and bias."""
         q = cls(
@@ -89,14 +94,14 @@ class QuantLinear(QuantModule, nn.Linear):
         *,
         weight_bits: int = 4,
         act_bits: int = 4,
-        act_signed: bool = True,
+        act_signed: bool | None = None,
     ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
         self._init_quantizers(weight_bits, act_bits, act_signed, out_features)
 
     @classmethod
     def from_float(
-        cls, module: nn.Linear, weight_bits: int, act_bits: int, act_signed: bool = True
+        cls, module: nn.Linear, weight_bits: int, act_bits: int, act_signed: bool | None = None
     ) -> QuantLinear:
         """A quantized copy of ``module`` with its weights and bias."""
         q = cls(
@@ -139,5 +144,6 @@ def mark_unsigned_after_relu(model: nn.Module) -> list[str]:
         for (_, prev), (name, cur) in zip(children, children[1:]):
             if isinstance(prev, _NON_NEGATIVE) and isinstance(cur, QuantModule):
                 cur.act_quant.signed = False
+                cur.act_quant.infer_sign = False
                 changed.append(f"{seq_name}.{name}" if seq_name else name)
     return changed

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
 
 from archnet.errors import ArchnetError
-from archnet.onnx_utils import INPUT_NAME, export_onnx, ort_session, sample_input
+from archnet.onnx_utils import INPUT_NAME, ort_session, sample_input
 
 __all__ = [
     "BACKENDS",
@@ -42,6 +43,9 @@ __all__ = [
 
 Runner = Callable[[], object]
 """One synchronous inference call; returns only after the result is ready."""
+
+Timeable = nn.Module | onnx.ModelProto
+"""A module, or an ONNX model already exported (e.g. by another quantization tool)."""
 
 BACKENDS: dict[str, type[LatencyBackend]] = {}
 
@@ -84,8 +88,12 @@ class LatencyBackend(ABC):
         return f"{type(self).__name__}(device={self.device!r}, threads={self.threads})"
 
     @abstractmethod
-    def _runner(self, module: nn.Module, input_shape: tuple[int, ...]) -> Runner:
-        """Prepare ``module`` (export, session, device copy) and return a one-call runner."""
+    def _runner(self, module: Timeable, input_shape: tuple[int, ...]) -> Runner:
+        """Prepare ``module`` (export, session, device copy) and return a one-call runner.
+
+        A fake-quantized module runs as the backend would deploy it: as a QDQ graph where the
+        runtime has integer kernels, else as its float twin.
+        """
 
     def _context(self) -> contextlib.AbstractContextManager[object]:
         """Process-wide settings held while timing (thread counts, inference mode)."""
@@ -93,7 +101,7 @@ class LatencyBackend(ABC):
 
     def measure(
         self,
-        module: nn.Module,
+        module: Timeable,
         input_shape: Sequence[int],
         warmup: int = 10,
         repeats: int = 50,
@@ -121,7 +129,7 @@ class LatencyBackend(ABC):
 
     def measure_interleaved(
         self,
-        items: Mapping[str, tuple[nn.Module, Sequence[int]]],
+        items: Mapping[str, tuple[Timeable, Sequence[int]]],
         rounds: int = 5,
         warmup: int = 10,
         repeats: int = 50,
@@ -177,10 +185,16 @@ class OnnxRuntimeBackend(LatencyBackend):
         "cuda": _ort_cuda_available,
     }
 
-    def _runner(self, module: nn.Module, input_shape: tuple[int, ...]) -> Runner:
-        model = export_onnx(module, input_shape).SerializeToString()
+    def _runner(self, module: Timeable, input_shape: tuple[int, ...]) -> Runner:
+        if isinstance(module, onnx.ModelProto):
+            model = module.SerializeToString()
+            x = np.random.default_rng(0).standard_normal(input_shape, dtype=np.float32)
+        else:
+            from archnet.quant.export import export_any
+
+            model = export_any(module, input_shape).SerializeToString()
+            x = sample_input(module, input_shape).cpu().numpy()
         session = ort_session(model, threads=self.threads, device=self.device)
-        x = sample_input(module, input_shape).cpu().numpy()
         if self.device == "cuda":
             return _iobinding_runner(session, x)
         feed = {INPUT_NAME: x}
@@ -221,11 +235,16 @@ class TorchBackend(LatencyBackend):
         finally:
             torch.set_num_threads(previous)
 
-    def _runner(self, module: nn.Module, input_shape: tuple[int, ...]) -> Runner:
+    def _runner(self, module: Timeable, input_shape: tuple[int, ...]) -> Runner:
+        if isinstance(module, onnx.ModelProto):
+            raise ArchnetError("the torch latency backend times modules, not ONNX models")
+        from archnet.quant.api import strip_quantizers
+
         device = torch.device(self.device)
         # A private copy: eval mode and device placement must not leak into the caller's
         # module (it may be mid-training), and runners outlive this call in measure_many.
-        work = copy.deepcopy(module).to(device).eval()
+        # Eager PyTorch has no integer kernels: a quantized module runs as its float twin.
+        work = strip_quantizers(copy.deepcopy(module)).to(device).eval()
         x = sample_input(work, input_shape, device=self.device)
         if device.type == "cuda":
 

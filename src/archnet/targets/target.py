@@ -6,14 +6,15 @@ produce a search tuned for the wrong hardware.
 
 Besides the operator whitelist, a ``[rules]`` table restricts operator attributes, because
 NPUs that accept ``Conv`` often accept only some kernels, strides or group counts (Arch-Net:
-3x3 dense convolutions and 2x2 max-pooling).
+3x3 dense convolutions and 2x2 max-pooling). ``quantized_only`` marks integer-only chips: every
+convolution and matrix product must read dequantized integers (a QDQ graph).
 """
 
 from __future__ import annotations
 
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,12 @@ Pairs = tuple[tuple[int, int], ...]
 
 @dataclass(frozen=True)
 class Rules:
-    """Attribute rules of a target; None means the rule is not enforced.
+    """Attribute rules of a target; None (False for ``quantized_only``) means not enforced.
 
     Tuples rather than lists so that targets stay hashable and compare equal after a round
-    trip through TOML.
+    trip through TOML. ``quantized_only`` stands for integer-only NPUs: the data and weight
+    inputs of every Conv, ConvTranspose, Gemm and MatMul must come straight from a
+    ``DequantizeLinear`` over integers, so only quantized (QDQ) exports pass.
     """
 
     conv_kernel_shapes: Pairs | None = None
@@ -49,17 +52,18 @@ class Rules:
     pool_kernel_shapes: Pairs | None = None
     pool_strides: Pairs | None = None
     max_channels: int | None = None
+    quantized_only: bool = False
 
     def __bool__(self) -> bool:
         """True when any rule is set, so callers can skip attribute checks on open targets."""
         return bool(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
-        """The rules that are set, TOML-shaped (lists, not tuples)."""
+        """The rules that are set (differ from their default), TOML-shaped (lists, not tuples)."""
         return {
-            key: _RULES[key].unconvert(value)
-            for key, value in vars(self).items()
-            if value is not None
+            f.name: _RULES[f.name].unconvert(value)
+            for f in fields(self)
+            if (value := getattr(self, f.name)) != f.default
         }
 
 
@@ -143,6 +147,10 @@ def _is_pair_list(value: object) -> bool:
     )
 
 
+def _is_bool(value: object) -> bool:
+    return isinstance(value, bool)
+
+
 def _is_conv_groups(value: object) -> bool:
     return value in CONV_GROUPS
 
@@ -223,6 +231,7 @@ _RULES: dict[str, _Kind] = {
     "pool_kernel_shapes": _PAIRS,
     "pool_strides": _PAIRS,
     "max_channels": _Kind(_is_positive_int, lambda: "a positive integer"),
+    "quantized_only": _Kind(_is_bool, lambda: "true or false"),
 }
 
 
