@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-archnet test test-slow lint bench clean
+.PHONY: demo demo-archnet demo-quant test test-slow lint bench bench-quant clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ demo: $(STAMP)
 
 demo-archnet: $(STAMP)
 	$(VENV)/bin/archnet demo --target archnet-5op
+
+demo-quant: $(STAMP)
+	$(VENV)/bin/archnet demo --bits w4a4
+	$(VENV)/bin/archnet demo --bits w2a4
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -31,6 +35,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_search.py
 	$(PY) bench/bench_timm.py
+
+bench-quant: $(STAMP)
+	$(PY) bench/bench_quant.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

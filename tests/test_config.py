@@ -67,6 +67,43 @@ def test_bad_count_budget(text: str) -> None:
         parse_budget(text, "params")
 
 
+@pytest.mark.parametrize(
+    ("text", "value", "relative"),
+    [
+        ("0.15", 0.15, True),
+        ("0.15x", 0.15, True),
+        ("1.5MB", 1.2e7, False),  # bytes, resolved to bits
+        ("200kB", 1.6e6, False),
+        ("4096b", 32768, False),
+    ],
+)
+def test_size_budget(text: str, value: float, relative: bool) -> None:
+    budget = parse_budget(text, "size")
+    assert budget.relative is relative
+    assert budget.value == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["tiny", "1.5M", "2ms", "0"])
+def test_bad_size_budget(text: str) -> None:
+    with pytest.raises(ArchnetError, match="size budget"):
+        parse_budget(text, "size")
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        ({"bits": "w1a4"}, "--bits"),
+        ({"bits": "auto", "bit_choices": "w8a8,int4"}, "bit_choices"),
+        ({"bits": "w4a4", "first_last": "fp16"}, "--first-last"),
+        ({"target": "archnet-5op-int"}, "--bits"),
+    ],
+)
+def test_bad_quantization_settings(options: dict, needle: str) -> None:
+    cfg = ConvertConfig(**options)
+    with pytest.raises(ArchnetError, match=needle):
+        cfg.validate()
+
+
 def test_budget_resolve() -> None:
     assert parse_budget("0.5").resolve(8.0) == pytest.approx(4.0)
     assert parse_budget("2.5ms").resolve(8.0) == pytest.approx(2.5)

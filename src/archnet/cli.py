@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from archnet.errors import ArchnetError
+from archnet.report import faster
 
 out = Console()
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
@@ -62,7 +63,7 @@ def print_summary(rep: dict, run_dir: Path) -> None:
         "latency, measured (ms)",
         f"{t['latency_ms']:.3f}",
         f"{s['latency_ms']:.3f}",
-        f"{1 / rep['speedup']:.2f} ({rep['speedup']:.2f}x faster)",
+        f"{1 / rep['speedup']:.2f} ({faster(rep['speedup'])})",
     )
     table.add_row(
         "latency, sum of parts (ms)",
@@ -99,15 +100,21 @@ def print_summary(rep: dict, run_dir: Path) -> None:
             "QDQ vs FP32 student (ms)",
             "",
             f"{q['qdq_student_ms']:.3f} vs {q['fp32_student_ms']:.3f}",
-            f"{q['qdq_speedup_vs_fp32']:.2f}x faster",
+            faster(q["qdq_speedup_vs_fp32"]),
         )
     out.print(table)
     if q:
         bits = q["bits"] if q["bits"] != "auto" else f"auto ({q['bit_choices']})"
         storage = ", ".join(f"{n} {k}" for k, n in sorted(q["storage"].items()))
+        deployed = (
+            f"top-1 {q['runtime_top1']:.2f}%"
+            if q.get("runtime_top1") is not None
+            else f"same class as PyTorch on {100 * q['runtime_argmax_agreement']:.1f}%"
+        )
         out.print(
-            f"quantized {bits}, first/last {q['first_last']}: {storage}; QDQ export within "
-            f"{q['max_abs_diff']:.2e} of PyTorch (one output step {q['output_step']:.2e})"
+            f"quantized {bits}, first/last {q['first_last']}: {storage}; QDQ graph within "
+            f"{q['max_abs_diff']:.2e} of PyTorch (one output step {q['output_step']:.2e}); "
+            f"as onnxruntime runs it: {deployed}"
         )
     if rep.get("ablation"):
         abl = Table(title="Arch-Distillation ablation (same student, same data)")

@@ -24,6 +24,9 @@ DEMO_CANDIDATES = (
 )
 
 
+# quantized: every choice is trained twice (float, then quantized), so a shorter list
+QUANT_CANDIDATES = ("skip", "mbconv_k3_e3_se_relu", "mbconv_k3_e3_relu", "fused_k3_e1_relu")
+
 # Arch-Net mode: only candidates built from the restricted operators (others would be rejected
 # by the target check anyway), plus skipping a block where shapes allow
 ARCHNET_CANDIDATES = ("archnet_*", "skip")
@@ -38,16 +41,21 @@ def demo_config(
         model="zoo:tiny_effnet",
         data="digits",
         target=target,
-        # QDQ graphs are not faster than float ones on onnxruntime's CPU kernels at this size;
-        # a quantized student is asked to be no slower than its teacher
-        budget="1.0" if archnet or bits else "0.5",
+        # onnxruntime's CPU integer kernels are slower than its float ones on a network this
+        # small (the report shows by how much), so a quantized demo would only meet a latency
+        # budget by skipping blocks; it is shown without one binding, to measure what
+        # quantization costs in accuracy
+        budget="1.0" if archnet else "4.0" if bits else "0.5",
         bits=bits,
-        candidates=",".join(ARCHNET_CANDIDATES if archnet else DEMO_CANDIDATES),
+        candidates=",".join(
+            ARCHNET_CANDIDATES if archnet else QUANT_CANDIDATES if bits else DEMO_CANDIDATES
+        ),
         ablation=archnet,
     )
     cfg.arch.epochs_per_stage = 0.25 if fast else 1.0
     cfg.arch.global_epochs = 1 if fast else 6
     cfg.blockwise.epochs = 1 if fast else 3
+    cfg.blockwise.quant_epochs = 1 if fast else 4
     cfg.finetune.epochs = 1 if fast else 8
     # batch 8: on a ~1 ms network, batch-1 timings are dominated by per-call jitter
     cfg.latency.batch_size = 8

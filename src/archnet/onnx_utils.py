@@ -235,12 +235,17 @@ _PROVIDERS: dict[str, Callable[[], list[str]]] = {"cpu": _cpu_providers, "cuda":
 
 
 def ort_session(
-    model: onnx.ModelProto | bytes | str | Path, threads: int = 1, device: str = "cpu"
+    model: onnx.ModelProto | bytes | str | Path,
+    threads: int = 1,
+    device: str = "cpu",
+    optimize: bool = True,
 ) -> ort.InferenceSession:
     """An inference session configured for reproducible latency measurement.
 
     One inter-op thread and sequential execution keep timings stable; ``threads`` controls the
-    intra-op parallelism a deployment would actually get.
+    intra-op parallelism a deployment would actually get. ``optimize=False`` runs the graph
+    as written: a QDQ graph then computes exactly what its operators say, without the
+    runtime's integer kernels and their own rounding.
     """
     if device not in _PROVIDERS:
         raise ArchnetError(
@@ -251,7 +256,11 @@ def ort_session(
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     options.log_severity_level = 3
     return ort.InferenceSession(_model_bytes(model), sess_options=options, providers=providers)
 
@@ -271,6 +280,7 @@ def check_against_torch(
     input: torch.Tensor,
     rtol: float = 1e-3,
     atol: float = 1e-4,
+    optimize: bool = True,
 ) -> float:
     """Max absolute difference between ORT and PyTorch outputs on ``input``.
 
@@ -279,7 +289,7 @@ def check_against_torch(
     """
     with eval_mode(module), torch.no_grad():
         expected = _flatten(module(input.to(_device(module))))
-    session = ort_session(model_proto)
+    session = ort_session(model_proto, optimize=optimize)
     feed = {session.get_inputs()[0].name: input.detach().cpu().numpy()}
     got = session.run(None, feed)
     if len(got) != len(expected):
@@ -297,3 +307,24 @@ def check_against_torch(
                 f"(rtol={rtol}, atol={atol})"
             )
     return max_diff
+
+
+def ort_outputs(
+    model_proto: onnx.ModelProto, images: torch.Tensor, optimize: bool = True, threads: int = 1
+) -> np.ndarray:
+    """First output of an exported model over ``images``, in batches of its fixed batch size.
+
+    Exports here have a static batch; the last batch is padded and the padding dropped.
+    """
+    dim = model_proto.graph.input[0].type.tensor_type.shape.dim[0]
+    batch = dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else len(images)
+    session = ort_session(model_proto, threads=threads, optimize=optimize)
+    name = session.get_inputs()[0].name
+    outs = []
+    for lo in range(0, len(images), batch):
+        x = images[lo : lo + batch].detach().float().cpu().numpy()
+        real = len(x)
+        if real < batch:
+            x = np.concatenate([x, np.repeat(x[-1:], batch - real, axis=0)])
+        outs.append(np.asarray(session.run(None, {name: x})[0])[:real])
+    return np.concatenate(outs)

@@ -24,7 +24,7 @@ from torch import nn
 
 from archnet.blocks import BlockSpec, FeatureCache, find_blocks
 from archnet.candidates import build_pool
-from archnet.choices import Bits, choice_name, quantize_from
+from archnet.choices import Bits, choice_name, parse_choice, quantize_from
 from archnet.config import ConvertConfig, parse_budget
 from archnet.costs import block_latency_table
 from archnet.data import ImageData
@@ -569,7 +569,7 @@ def _search(run: Run) -> dict[str, Any]:
 
 
 def _summary(result: SearchResult) -> str:
-    kept = sum(n == "teacher" for n in result.names)
+    kept = sum(parse_choice(n)[0] == "teacher" for n in result.names)
     return f"{len(result.names) - kept} of {len(result.names)} blocks replaced"
 
 

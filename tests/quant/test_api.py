@@ -205,3 +205,23 @@ def test_quantize_model_keeps_quantized_layers_and_counts_them_as_edges() -> Non
     assert model[0].weight_bits == 2  # already quantized: kept, though it is the first layer
     assert model[2].weight_bits == 4  # not promoted to the first layer
     assert model[4].weight_bits == 8
+
+
+def test_fold_check_ignores_rounding_flips_in_quantized_layers_downstream() -> None:
+    """Folding is exact in float; a quantized layer after it must not turn float rounding
+    into whole-step flips that look like a wrong fold."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    _randomise_bn(model)
+    model.append(QuantConv2d.from_float(nn.Conv2d(8, 8, 3), 2, 2)).eval()
+    x = torch.randn(64, 3, 8, 8)
+    calibrate(model, x)
+    before = model(x)
+    fold_bn(model, x, atol=1e-6)
+    assert isinstance(model[1], nn.Identity)
+    # with quantizers on, a few values may sit on a rounding boundary: at most one step apart
+    step = (
+        model[3].act_quant.step
+        * model[3].weight_quant(model[3].weight).abs().flatten(1).sum(1).max()
+    )
+    assert (model(x) - before).abs().max() <= step

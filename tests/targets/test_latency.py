@@ -113,3 +113,27 @@ def test_measure_cached_hits_on_second_call(tmp_path: Path) -> None:
         _, hit = measure_cached(backend, cache, conv_net(), (2, *SHAPE[1:]), **FAST)
         assert not hit
         assert len(cache) == 2
+
+
+def test_backends_time_quantized_modules_and_onnx_models() -> None:
+    """onnxruntime runs a fake-quantized module as its QDQ graph and takes ONNX models as they
+    are; eager PyTorch times a quantized module as its float twin and refuses ONNX."""
+    from archnet.onnx_utils import export_onnx
+    from archnet.quant import QuantConfig, calibrate, quantize_model
+
+    shape = (1, 3, 8, 8)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    quantized = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    quantize_model(quantized, QuantConfig(4, 4))
+    calibrate(quantized, torch.randn(shape))
+    ort_backend = get_backend("onnxruntime")
+    times = ort_backend.measure_interleaved(
+        {"proto": (export_onnx(model, shape), shape), "qdq": (quantized, shape)},
+        rounds=1,
+        warmup=1,
+        repeats=2,
+    )
+    assert all(ms > 0 for ms in times.values())
+    assert get_backend("torch").measure(quantized, shape, warmup=1, repeats=2) > 0
+    with pytest.raises(ArchnetError, match="not ONNX"):
+        get_backend("torch").measure(export_onnx(model, shape), shape, warmup=1, repeats=2)

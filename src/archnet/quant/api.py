@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from archnet.quant.lsq import float_mode
 from archnet.quant.modules import QuantConv2d, QuantLinear, QuantModule, mark_unsigned_after_relu
 
 __all__ = [
@@ -166,26 +167,27 @@ def _traced_pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
     Finds pairs that names do not reveal (timm's ``conv_stem`` -> ``bn1``), and only pairs
     that ``forward`` really applies back to back.
     """
-    produced: dict[int, str] = {}
+    # conv output tensor -> conv name; the tensors are kept alive, so no later tensor can
+    # reuse the id of one that was freed
+    produced: dict[int, tuple[str, torch.Tensor]] = {}
     pairs: list[tuple[str, str]] = []
+
+    def conv_hook(name: str):
+        return lambda _m, _args, out: produced.__setitem__(id(out), (name, out))
+
+    def bn_hook(name: str):
+        def hook(_m, args) -> None:
+            if id(args[0]) in produced:
+                pairs.append((produced[id(args[0])][0], name))
+
+        return hook
+
     hooks = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
-            hooks.append(
-                module.register_forward_hook(
-                    lambda _m, _a, out, n=name: produced.__setitem__(id(out), n)
-                )
-            )
+            hooks.append(module.register_forward_hook(conv_hook(name)))
         elif isinstance(module, nn.BatchNorm2d):
-            hooks.append(
-                module.register_forward_pre_hook(
-                    lambda _m, args, n=name: (
-                        pairs.append((produced[id(args[0])], n))
-                        if id(args[0]) in produced
-                        else None
-                    )
-                )
-            )
+            hooks.append(module.register_forward_pre_hook(bn_hook(name)))
     was_training = model.training
     try:
         model.eval()
@@ -195,6 +197,17 @@ def _traced_pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
         for h in hooks:
             h.remove()
     return pairs
+
+
+@torch.no_grad()
+def _float_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode output with any quantizers off (they would magnify float rounding)."""
+    was_training = model.training
+    try:
+        with float_mode(model):
+            return model.eval()(x)
+    finally:
+        model.train(was_training)
 
 
 def fold_bn(model: nn.Module, example: torch.Tensor | None = None, atol: float = 1e-4) -> nn.Module:
@@ -210,10 +223,7 @@ def fold_bn(model: nn.Module, example: torch.Tensor | None = None, atol: float =
     """
     pairs = _traced_pairs(model, example) if example is not None else _structural_pairs(model)
     if example is not None:
-        with torch.no_grad():
-            was_training = model.training
-            before = model.eval()(example)
-            model.train(was_training)
+        before = _float_output(model, example)
     modules = dict(model.named_modules())
     folded: set[str] = set()
     for conv_name, bn_name in pairs:
@@ -224,9 +234,7 @@ def fold_bn(model: nn.Module, example: torch.Tensor | None = None, atol: float =
         _set_submodule(model, bn_name, _bn_remainder(bn))
         folded.add(bn_name)
     if example is not None and folded:
-        with torch.no_grad():
-            after = model.eval()(example)
-            model.train(was_training)
+        after = _float_output(model, example)
         err = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
         if err > atol:
             raise ValueError(f"folding batch norm changed the output by {err:.2e} (relative)")
@@ -275,25 +283,6 @@ def strip_quantizers(model: nn.Module) -> nn.Module:
     the reference a quantized export's latency is compared with.
     """
     for name, module in list(model.named_modules()):
-        if not isinstance(module, QuantModule):
-            continue
-        if isinstance(module, nn.Conv2d):
-            plain: nn.Module = nn.Conv2d(
-                module.in_channels,
-                module.out_channels,
-                module.kernel_size,
-                stride=module.stride,
-                padding=module.padding,
-                dilation=module.dilation,
-                groups=module.groups,
-                bias=module.bias is not None,
-                padding_mode=module.padding_mode,
-            )
-        else:
-            plain = nn.Linear(module.in_features, module.out_features, module.bias is not None)
-        plain.load_state_dict(
-            {k: v for k, v in module.state_dict().items() if k in ("weight", "bias")}
-        )
-        plain.train(module.training)
-        _set_submodule(model, name, plain)
+        if isinstance(module, QuantModule):
+            _set_submodule(model, name, module.to_float())
     return model

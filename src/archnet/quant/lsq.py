@@ -7,12 +7,14 @@ weights, so the student adapts its ranges to the teacher's signal.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["MIN_STEP", "LSQQuantizer", "quant_range"]
+__all__ = ["MIN_STEP", "LSQQuantizer", "float_mode", "quant_range"]
 
 MIN_BITS, MAX_BITS = 2, 8
 # Floor on the step so a step driven towards zero by the optimiser cannot divide by zero.
@@ -94,6 +96,7 @@ class LSQQuantizer(nn.Module):
         self.register_buffer("is_signed", torch.tensor(signed))
         # Set by the QDQ exporter so each exported node can be traced back to its quantizer.
         self.export_id = -1
+        self.enabled = True  # off: the identity (see ``float_mode``)
 
     @property
     def signed(self) -> bool:
@@ -153,6 +156,8 @@ class LSQQuantizer(nn.Module):
         self.initialized.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
         exporting = torch.onnx.is_in_onnx_export()
         if not exporting and not bool(self.initialized):
             self.initialize(x)
@@ -165,3 +170,18 @@ class LSQQuantizer(nn.Module):
         grad_scale = 1.0 / math.sqrt(x.numel() / step.numel() * self.qmax)
         s = _grad_scale(step, grad_scale).reshape(self._step_shape(x))
         return _round_ste(torch.clamp(x / s, self.qmin, self.qmax)) * s
+
+
+@contextlib.contextmanager
+def float_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` with every quantizer switched off, e.g. to check a float rewrite of it:
+    with them on, a change at float rounding level flips values across rounding boundaries."""
+    quantizers = [m for m in model.modules() if isinstance(m, LSQQuantizer)]
+    previous = [q.enabled for q in quantizers]
+    for q in quantizers:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for q, was in zip(quantizers, previous, strict=True):
+            q.enabled = was

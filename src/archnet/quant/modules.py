@@ -27,6 +27,10 @@ class QuantModule:
     weight_quant: LSQQuantizer
     act_quant: LSQQuantizer
 
+    def to_float(self) -> nn.Module:
+        """The float layer with the same weights: the quantizers dropped."""
+        raise NotImplementedError
+
     def _init_quantizers(
         self, weight_bits: int, act_bits: int, act_signed: bool | None, out: int
     ) -> None:
@@ -59,23 +63,15 @@ class QuantConv2d(QuantModule, nn.Conv2d):
     ) -> QuantConv2d:
         """A quantized copy of ``module`` with its weights and bias."""
         q = cls(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=module.groups,
-            bias=module.bias is not None,
-            padding_mode=module.padding_mode,
-            device=module.weight.device,
-            dtype=module.weight.dtype,
-            weight_bits=weight_bits,
-            act_bits=act_bits,
-            act_signed=act_signed,
+            **_conv_args(module), weight_bits=weight_bits, act_bits=act_bits, act_signed=act_signed
         )
         _copy_params(module, q)
         return q
+
+    def to_float(self) -> nn.Conv2d:
+        plain = nn.Conv2d(**_conv_args(self))
+        _copy_params(self, plain)
+        return plain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)
@@ -105,11 +101,7 @@ class QuantLinear(QuantModule, nn.Linear):
     ) -> QuantLinear:
         """A quantized copy of ``module`` with its weights and bias."""
         q = cls(
-            module.in_features,
-            module.out_features,
-            module.bias is not None,
-            module.weight.device,
-            module.weight.dtype,
+            **_linear_args(module),
             weight_bits=weight_bits,
             act_bits=act_bits,
             act_signed=act_signed,
@@ -117,8 +109,41 @@ class QuantLinear(QuantModule, nn.Linear):
         _copy_params(module, q)
         return q
 
+    def to_float(self) -> nn.Linear:
+        plain = nn.Linear(**_linear_args(self))
+        _copy_params(self, plain)
+        return plain
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+
+
+def _conv_args(m: nn.Conv2d) -> dict:
+    """What builds a Conv2d like ``m``."""
+    return {
+        "in_channels": m.in_channels,
+        "out_channels": m.out_channels,
+        "kernel_size": m.kernel_size,
+        "stride": m.stride,
+        "padding": m.padding,
+        "dilation": m.dilation,
+        "groups": m.groups,
+        "bias": m.bias is not None,
+        "padding_mode": m.padding_mode,
+        "device": m.weight.device,
+        "dtype": m.weight.dtype,
+    }
+
+
+def _linear_args(m: nn.Linear) -> dict:
+    """What builds a Linear like ``m``."""
+    return {
+        "in_features": m.in_features,
+        "out_features": m.out_features,
+        "bias": m.bias is not None,
+        "device": m.weight.device,
+        "dtype": m.weight.dtype,
+    }
 
 
 def _copy_params(src: nn.Module, dst: nn.Module) -> None:
