@@ -348,9 +348,8 @@ def _candidates(run: Run) -> dict[str, Any]:
                 split_wide_layers(module, max_channels)
             macs = count_macs(module, spec.in_shape)
             params = count_params(module)
-            sizes = _choice_sizes(module, run.bit_options, spec)
             # a quantized student is checked as it will run: as its QDQ graph
-            checked = sizes.pop("module")
+            sizes, checked = _choice_sizes(module, run.bit_options, spec)
             reason = rejects(run.target, checked, shape)
             if not reason and cap and name != "teacher" and macs > cap * max(teacher_macs, 1):
                 reason = f"{macs / max(teacher_macs, 1):.1f}x the teacher block's MACs (cap {cap})"
@@ -376,11 +375,13 @@ def _candidates(run: Run) -> dict[str, Any]:
     }
 
 
-def _choice_sizes(module: nn.Module, options: list[Bits | None], spec: BlockSpec) -> dict:
-    """Size in bits of ``module`` at each bit option, and the module to check on the target
-    (under ``"module"``): the float module, or its quantized version in a quantized run."""
+def _choice_sizes(
+    module: nn.Module, options: list[Bits | None], spec: BlockSpec
+) -> tuple[dict[Bits | None, int], nn.Module]:
+    """Size in bits of ``module`` at each bit option, and the module to check on the target:
+    the float module, or its quantized version in a quantized run."""
     if options == [None]:
-        return {None: model_size_bits(module), "module": module}
+        return {None: model_size_bits(module)}, module
     import copy
 
     quantized = quantize_from(copy.deepcopy(module), options[0], spec)
@@ -388,9 +389,7 @@ def _choice_sizes(module: nn.Module, options: list[Bits | None], spec: BlockSpec
     rest = model_size_bits(quantized) - weights * options[0][0]
     if not is_quantized(quantized):
         options = options[:1]  # nothing to quantize (an identity skip): one choice is enough
-    out: dict = {bits: rest + weights * bits[0] for bits in options}
-    out["module"] = quantized
-    return out
+    return {bits: rest + weights * bits[0] for bits in options}, quantized
 
 
 @stage("latency")
