@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
 
     console.print("[bold]top-1[/] held-out digits, every model run in onnxruntime")
     for row in rows:
-        row["top1"] = onnx_top1(protos[row["key"]], heldout.images, heldout.labels, args.shape[0])
+        row["top1"] = onnx_top1(protos[row["key"]], heldout.images, heldout.labels)
 
     backend = target.latency_backend()
     console.print(

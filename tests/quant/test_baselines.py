@@ -95,7 +95,7 @@ def test_onnx_top1_pads_the_last_batch() -> None:
     labels[:7] = (labels[:7] + 1) % 10  # exactly 7 of 21 wrong
     proto = export_onnx(net, (8, 3, SIZE, SIZE))
     assert onnx_top1(proto, x, labels) == pytest.approx(100 * 14 / 21)
-    assert onnx_top1(proto, x, pred, batch=8) == pytest.approx(100.0)
+    assert onnx_top1(proto, x, pred) == pytest.approx(100.0)
 
 
 def _kd(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:

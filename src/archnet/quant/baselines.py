@@ -26,7 +26,7 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from archnet.distill.finetune import FinetuneConfig, finetune
-from archnet.onnx_utils import export_onnx, ort_session
+from archnet.onnx_utils import export_onnx, ort_outputs
 from archnet.quant.api import QuantConfig, calibrate, fold_bn, quantize_model
 
 __all__ = ["lsq_qat", "onnx_size_bits", "onnx_top1", "ptq_onnxruntime"]
@@ -153,27 +153,11 @@ def lsq_qat(
 
 
 def onnx_top1(
-    proto: onnx.ModelProto,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    batch: int | None = None,
-    threads: int | None = None,
+    proto: onnx.ModelProto, images: torch.Tensor, labels: torch.Tensor, threads: int | None = None
 ) -> float:
-    """Top-1 accuracy (percent) of an ONNX classifier run by onnxruntime on the CPU.
-
-    Images go in batches of the model's fixed batch size (``batch``; read from the model's
-    input when None), the last one padded and the padding ignored.
-    """
-    if batch is None:
-        dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
-        batch = dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else 1
-    session = ort_session(proto, threads=threads or max(1, min(os.cpu_count() or 1, 4)))
-    name = session.get_inputs()[0].name
-    preds = []
-    for x, real in _fixed_batches(images, batch):
-        (logits,) = session.run(None, {name: x})[:1]
-        preds.append(np.asarray(logits)[:real].argmax(-1))
-    pred = np.concatenate(preds)
+    """Top-1 accuracy (percent) of an ONNX classifier as onnxruntime runs it on the CPU."""
+    threads = threads or max(1, min(os.cpu_count() or 1, 4))
+    pred = ort_outputs(proto, images, threads=threads).argmax(-1)
     return float((pred == labels.cpu().numpy()).mean() * 100)
 
 
