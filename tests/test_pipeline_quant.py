@@ -80,17 +80,18 @@ def test_report_states_bits_storage_size_and_fp32_latency(w4a4_run) -> None:
 
 
 def test_mixed_precision_meets_the_size_budget(tmp_path, tiny_teacher, tiny_images) -> None:
+    kilobytes = 0.03 * model_size_bits(tiny_teacher) / 8e3  # 3% of the teacher, in bytes
     run = _convert(
         tiny_teacher,
         tiny_images,
         tmp_path / "auto",
         bits="auto",
         bit_choices="w8a8,w2a4",
-        size_budget="0.03",
+        size_budget=f"{kilobytes:.3f}kB",
     )
     search = json.loads((run.run_dir / "search.json").read_text())
     budget = search["budgets"]["size_bits"]
-    assert budget == pytest.approx(0.03 * model_size_bits(tiny_teacher))
+    assert budget == pytest.approx(kilobytes * 8e3, rel=1e-4)
     measured = model_size_bits(run.student)
     assert measured == search["result"]["totals"]["size_bits"] <= budget
     names = search["table"]["candidates"][0]

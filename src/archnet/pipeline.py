@@ -523,13 +523,13 @@ def budgets(run: Run) -> dict[str, float]:
     cfg = run.config
     teacher_ms = lat["teacher_predicted_ms"]
     out = {"latency_ms": parse_budget(cfg.budget, "latency").resolve(teacher_ms)}
-    for key, text, ref in (
-        ("params", cfg.params_budget, lat["teacher_params"]),
-        ("macs", cfg.macs_budget, lat["teacher_macs"]),
-        ("size_bits", cfg.size_budget, lat["teacher_size_bits"]),
+    for key, what, text, ref in (
+        ("params", "params", cfg.params_budget, lat["teacher_params"]),
+        ("macs", "macs", cfg.macs_budget, lat["teacher_macs"]),
+        ("size_bits", "size", cfg.size_budget, lat["teacher_size_bits"]),
     ):
         if text:
-            out[key] = parse_budget(text, key).resolve(ref)
+            out[key] = parse_budget(text, what).resolve(ref)
     return out
 
 
