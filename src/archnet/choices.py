@@ -13,7 +13,7 @@ from torch import nn
 
 from archnet.blocks import BlockSpec
 from archnet.candidates import build_candidate
-from archnet.quant import QuantConfig, calibrate, fold_bn, parse_bits, quantize_model
+from archnet.quant import QuantConfig, parse_bits, prepare_qat
 
 SEP = "@"
 
@@ -32,19 +32,6 @@ def parse_choice(name: str) -> tuple[str, Bits | None]:
     """``'mbconv_k3@w4a4' -> ('mbconv_k3', (4, 4))``; a float choice has no bits."""
     candidate, sep, bits = name.partition(SEP)
     return candidate, (parse_bits(bits) if sep else None)
-
-
-def quantize_block(module: nn.Module, bits: Bits, example: torch.Tensor) -> nn.Module:
-    """Fold the block's batch norms and quantize every layer at ``bits`` (in place).
-
-    Inside a block there is no first or last layer to spare. ``example`` (any input of the
-    block's shape) traces which batch norms follow which convolutions; the steps stay unset
-    until :func:`archnet.quant.calibrate` or a checkpoint provides them.
-    """
-    module.eval()
-    fold_bn(module, example)
-    quantize_model(module, QuantConfig(bits[0], bits[1], first_last=None))
-    return module
 
 
 def build_choice(
@@ -68,8 +55,12 @@ def build_choice(
 def quantize_from(
     module: nn.Module, bits: Bits, spec: BlockSpec, calibration: torch.Tensor | None = None
 ) -> nn.Module:
-    """Quantize a (trained) float block and initialise its steps."""
-    example = torch.randn(2, *spec.in_shape)
-    quantize_block(module, bits, example)
-    calibrate(module, calibration if calibration is not None else example)
-    return module
+    """Fold and quantize a (trained) float block at ``bits`` and initialise its steps.
+
+    Inside a block there is no first or last layer to spare. Without ``calibration``, random
+    inputs of the block's shape set the steps: enough for timing or before loading a
+    checkpoint (which batch norms fold does not depend on the values).
+    """
+    if calibration is None:
+        calibration = torch.randn(2, *spec.in_shape)
+    return prepare_qat(module, QuantConfig(bits[0], bits[1], first_last=None), calibration)

@@ -49,6 +49,7 @@ def export_and_measure(run: Run, teacher: nn.Module, student: nn.Module) -> dict
     networks = {"teacher": teacher, "student": student}
     if quantized:
         networks["student_fp32"] = strip_quantizers(copy.deepcopy(student))
+        step = output_step(student)
     for name, model in networks.items():
         path = run.path(f"{name}.onnx")
         q = name == "student" and quantized
@@ -57,11 +58,7 @@ def export_and_measure(run: Run, teacher: nn.Module, student: nn.Module) -> dict
         # A QDQ graph, run as written, must agree within one step at the output; a float
         # one to rounding. (The runtime's fused integer kernels round on their own; that
         # drift is measured below, as the deployed model's accuracy.)
-        tol = (
-            {"rtol": 0.0, "atol": output_step(model), "optimize": False}
-            if q
-            else {"rtol": 1e-3, "atol": 1e-3}
-        )
+        tol = {"rtol": 0.0, "atol": step, "optimize": False} if q else {"rtol": 1e-3, "atol": 1e-3}
         try:
             out[f"{name}_max_abs_diff"] = check_against_torch(model, proto, x, **tol)
         except ExportMismatchError as e:
@@ -70,7 +67,7 @@ def export_and_measure(run: Run, teacher: nn.Module, student: nn.Module) -> dict
     if quantized:
         out["quantization"] = {
             **_deployed_agreement(run, student, protos["student"]),
-            "output_step": output_step(student),
+            "output_step": step,
             "tensors": qdq_report(protos["student"]),
             "size_bits": model_size_bits(student),
             "fp32_size_bits": model_size_bits(networks["student_fp32"]),

@@ -36,12 +36,10 @@ from archnet.opconvert import split_wide_layers
 from archnet.quant import (
     QuantConfig,
     QuantModule,
-    calibrate,
-    fold_bn,
     is_quantized,
     model_size_bits,
     parse_bits,
-    quantize_model,
+    prepare_qat,
 )
 from archnet.score import logits_of, replace_one_block, top1
 from archnet.search import SearchResult, SearchTable, pareto_sweep, plot_pareto, solve
@@ -195,10 +193,7 @@ class Run:
             None if self.config.first_last == "same" else parse_bits(self.config.first_last)
         )
         widest = max(options, key=lambda b: (b[0] + b[1], b))
-        fold_bn(model, calibration[:2])
-        quantize_model(model, QuantConfig(widest[0], widest[1], first_last))
-        calibrate(model, calibration)
-        return model
+        return prepare_qat(model, QuantConfig(widest[0], widest[1], first_last), calibration)
 
     def teacher_block(self, spec: BlockSpec) -> nn.Module:
         return self.teacher.get_submodule(spec.name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from archnet.score import spearman
@@ -112,17 +113,14 @@ def _quantization(run: Run, exp: dict[str, Any]) -> dict[str, Any] | None:
     q = exp.get("quantization")
     if q is None:
         return None
-    storage: dict[str, int] = {}
-    for t in q["tensors"]:
-        key = f"{t['kind']} {t['bits']}-bit as {t['storage']}"
-        storage[key] = storage.get(key, 0) + 1
+    storage = Counter(f"{t['kind']} {t['bits']}-bit as {t['storage']}" for t in q["tensors"])
     cfg = run.config
     return {
         "bits": cfg.bits,
         "bit_choices": cfg.bit_choices if cfg.bits == "auto" else None,
         "first_last": cfg.first_last,
         "tensors": len(q["tensors"]),
-        "storage": storage,
+        "storage": dict(storage),
         "output_step": q["output_step"],
         "max_abs_diff": exp["student_max_abs_diff"],
         "runtime_max_abs_diff": q["runtime_max_abs_diff"],

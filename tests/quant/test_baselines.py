@@ -16,14 +16,7 @@ from archnet.distill.finetune import FinetuneConfig
 from archnet.distill.losses import kd_kl
 from archnet.export import output_step
 from archnet.onnx_utils import export_onnx, ort_session
-from archnet.quant import (
-    QuantConfig,
-    QuantModule,
-    calibrate,
-    export_qdq,
-    fold_bn,
-    quantize_model,
-)
+from archnet.quant import QuantConfig, QuantModule, export_qdq, prepare_qat
 from archnet.quant.baselines import lsq_qat, onnx_size_bits, onnx_top1, ptq_onnxruntime
 from archnet.zoo import train_classifier
 
@@ -109,9 +102,7 @@ def test_lsq_qat_quantizes_trains_and_exports(digits_teacher, tmp_path) -> None:
     cfg = FinetuneConfig(epochs=2, batch_size=64, lr=3e-3)
     bits, first_last = (2, 3), (8, 8)
     # the starting point lsq_qat trains from: folded, quantized, calibrated
-    start = fold_bn(copy.deepcopy(teacher), images[:2])
-    quantize_model(start, QuantConfig(*bits, first_last))
-    calibrate(start, images[:256])
+    start = prepare_qat(copy.deepcopy(teacher), QuantConfig(*bits, first_last), images[:256])
     steps: list[float] = []
     student = lsq_qat(teacher, images, bits, first_last, cfg, on_step=steps.append)
 

@@ -7,6 +7,7 @@ from archnet.quant.api import (
     is_quantized,
     model_size_bits,
     parse_bits,
+    prepare_qat,
     quantize_model,
     strip_quantizers,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "mark_unsigned_after_relu",
     "model_size_bits",
     "parse_bits",
+    "prepare_qat",
     "qdq_report",
     "quant_range",
     "quantize_model",

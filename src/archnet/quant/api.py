@@ -19,6 +19,7 @@ __all__ = [
     "is_quantized",
     "model_size_bits",
     "parse_bits",
+    "prepare_qat",
     "quantize_model",
     "strip_quantizers",
 ]
@@ -274,6 +275,15 @@ def calibrate(model: nn.Module, x: torch.Tensor) -> None:
     model.eval()
     model(x)
     model.train(was_training)
+
+
+def prepare_qat(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor) -> nn.Module:
+    """Fold batch norm, swap in quantized layers and set their steps (in place): the starting
+    point of quantization-aware training, in that order because each step needs the last."""
+    fold_bn(model, calibration[:2])
+    quantize_model(model, cfg)
+    calibrate(model, calibration)
+    return model
 
 
 def strip_quantizers(model: nn.Module) -> nn.Module:

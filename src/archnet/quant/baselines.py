@@ -27,7 +27,7 @@ from torch import nn
 
 from archnet.distill.finetune import FinetuneConfig, finetune
 from archnet.onnx_utils import export_onnx, ort_outputs
-from archnet.quant.api import QuantConfig, calibrate, fold_bn, quantize_model
+from archnet.quant.api import QuantConfig, prepare_qat
 
 __all__ = ["lsq_qat", "onnx_size_bits", "onnx_top1", "ptq_onnxruntime"]
 
@@ -145,9 +145,9 @@ def lsq_qat(
     w, a = bits
     torch.manual_seed(seed)
     teacher = teacher.eval()
-    student = fold_bn(copy.deepcopy(teacher), images[:2].float())
-    quantize_model(student, QuantConfig(w, a, first_last))
-    calibrate(student, images[:CALIB_IMAGES].float())
+    student = prepare_qat(
+        copy.deepcopy(teacher), QuantConfig(w, a, first_last), images[:CALIB_IMAGES].float()
+    )
     finetune(student, teacher, images, cfg, feature_names=None, seed=seed, on_step=on_step)
     return student.eval()
 
