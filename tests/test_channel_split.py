@@ -5,8 +5,7 @@ from torch import nn
 
 from archnet.onnx_utils import export_onnx
 from archnet.opconvert import ChannelSplit, split_wide_layers
-from archnet.targets import Rules, load_target
-from archnet.targets.opset import check_model
+from archnet.targets import Rules, check_model, load_target
 
 
 def test_split_is_exact_and_passes_the_channel_cap():
@@ -36,3 +35,9 @@ def test_split_is_exact_and_passes_the_channel_cap():
 def test_narrow_and_grouped_layers_are_left_alone():
     model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(32, 32, 3, groups=32))
     assert split_wide_layers(model, max_channels=16) == []
+
+
+def test_a_root_layer_is_not_reported_as_split():
+    conv = nn.Conv2d(3, 40, 3)
+    assert split_wide_layers(conv, max_channels=16) == []
+    assert conv.out_channels == 40

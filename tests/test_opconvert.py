@@ -20,12 +20,14 @@ from archnet.opconvert import (
     convert_modules,
     get_converter,
     register_converter,
-    restricted_violations,
 )
+from archnet.targets import check_model, check_report, load_target
 from archnet.zoo import create_model
 from archnet.zoo.tiny_effnet import LayerNorm2d as ZooLayerNorm2d
 
 torch.set_num_threads(1)
+
+ARCHNET = load_target("archnet-5op")  # Arch-Net's restricted operators and attribute rules
 
 
 def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -40,7 +42,8 @@ def _convert(module: nn.Module) -> nn.Module:
 
 def _assert_restricted(module: nn.Module, input_shape: tuple[int, ...]) -> None:
     proto = export_onnx(module, input_shape)
-    assert restricted_violations(proto) == []
+    report = check_report(proto, ARCHNET)
+    assert report.violations == () and report.unverified == ()
     check_against_torch(module, proto, torch.randn(*input_shape))
 
 
@@ -244,7 +247,7 @@ def test_batchnorm_act_keeps_bn_and_converts_act():
     norm = timm.layers.BatchNormAct2d(8, act_layer=nn.SiLU).eval()
     assert convert_modules(norm) == [("act", "SiLU", "ReLU")]
     proto = export_onnx(norm, (1, 8, 4, 4))
-    assert restricted_violations(proto) == []
+    assert check_model(proto, ARCHNET) == []
     assert [n.op_type for n in proto.graph.node if n.op_type != "Identity"] == [
         "BatchNormalization",
         "Relu",
@@ -280,18 +283,23 @@ def test_converters_match_exact_types_and_names():
         del opconvert._converters[Swish]
 
 
-def test_restricted_violations_reports_attributes():
+def test_unconverted_layers_break_archnet_5op():
     model = nn.Sequential(
         nn.Conv2d(4, 8, 5, padding=2),
         nn.Conv2d(8, 8, 3, padding=1, groups=2),
         nn.MaxPool2d(3, 2, 1),
         nn.Sigmoid(),
     )
-    problems = restricted_violations(export_onnx(model, (1, 4, 16, 16)))
-    assert any("not 3x3" in p for p in problems)
-    assert any("grouped" in p for p in problems)
-    assert any("MaxPool" in p for p in problems)
-    assert any("Sigmoid" in p for p in problems)
+    found = {
+        (v.module, v.op_type, v.attribute)
+        for v in check_model(export_onnx(model, (1, 4, 16, 16)), ARCHNET)
+    }
+    assert found == {
+        ("0", "Conv", "kernel_shape=[5, 5]"),
+        ("1", "Conv", "group=2"),
+        ("2", "MaxPool", "kernel_shape=[3, 3]"),
+        ("3", "Sigmoid", None),
+    }
 
 
 # --- whole teachers --------------------------------------------------------------------------
@@ -336,7 +344,7 @@ def test_convert_teacher_shell(name, input_shape, expected):
         model.set_submodule(spec.name, build_candidate("archnet_conv", spec))
     shape = (1, *input_shape)
     proto = export_onnx(model, shape)
-    assert restricted_violations(proto) == []
+    assert check_model(proto, ARCHNET) == []
     assert {n.op_type for n in proto.graph.node} <= {
         "Conv",
         "MaxPool",
@@ -345,7 +353,7 @@ def test_convert_teacher_shell(name, input_shape, expected):
         "Gemm",
         "Flatten",
         "GlobalAveragePool",
-        "Identity",  # aliases of equal initializers, constant (see restricted_violations)
+        "Identity",  # aliases of equal initializers, removed by compilers (the check skips them)
     }
     check_against_torch(model, proto, torch.randn(*shape))
 

@@ -46,6 +46,9 @@ average; and every module whose own ``forward`` does arithmetic (a residual Add,
 gate's Mul, ``x.mean()``) rather than calling child layers. Converters are looked up by a
 module's exact type or class name, never by subclass, because a subclass may override
 ``forward`` (weight standardisation, dynamic padding) and would silently change meaning.
+
+Whether the result runs on a chip is decided by one checker only: the target's
+(``archnet.targets.check``; the ``archnet-5op`` profile holds Arch-Net's operators and rules).
 """
 
 from __future__ import annotations
@@ -53,7 +56,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 
-import onnx
 import torch
 import torch.nn.functional as F
 from timm.layers import activations as timm_act
@@ -61,7 +63,6 @@ from timm.layers.adaptive_avgmax_pool import FastAdaptiveAvgPool
 from torch import Tensor, nn
 
 __all__ = [
-    "RESTRICTED_OPS",
     "ConvStack",
     "Converter",
     "convert_module",
@@ -69,23 +70,7 @@ __all__ = [
     "describe",
     "get_converter",
     "register_converter",
-    "restricted_violations",
 ]
-
-#: ONNX op types of Arch-Net's restricted set (attribute limits in :func:`restricted_violations`).
-RESTRICTED_OPS = frozenset(
-    {
-        "Conv",
-        "MaxPool",
-        "BatchNormalization",
-        "Relu",
-        "Gemm",
-        "Concat",
-        "GlobalAveragePool",
-        "Flatten",
-        "Reshape",
-    }
-)
 
 Converter = Callable[[nn.Module], "nn.Module | None"]
 _converters: dict[type[nn.Module] | str, Converter] = {}
@@ -185,55 +170,6 @@ def describe(module: nn.Module) -> str:
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
-# --- ONNX check ------------------------------------------------------------------------------
-def _ints(node: onnx.NodeProto, name: str, default: list[int]) -> list[int]:
-    for attr in node.attribute:
-        if attr.name == name:
-            return list(attr.ints) if attr.ints else [attr.i]
-    return default
-
-
-def restricted_violations(model: onnx.ModelProto) -> list[str]:
-    """Why each node of ``model`` falls outside the restricted set; empty when all fits.
-
-    Beyond the op types, Conv must be 3x3, dense, undilated, stride 1 or 2, and MaxPool
-    2x2 stride 2 without padding or ceil mode. Nodes that compute only from constants (the
-    TorchScript exporter aliases equal initializers through ``Identity`` nodes) are folded
-    away when the model is loaded, so they are not counted.
-    """
-    constants = {t.name for t in model.graph.initializer}
-    problems = []
-    for node in model.graph.node:
-        if all(name in constants for name in node.input if name):
-            constants.update(node.output)
-            continue
-        where = f"{node.name or '<unnamed>'} ({node.op_type})"
-        if node.op_type not in RESTRICTED_OPS:
-            problems.append(f"{where}: operator not in the restricted set")
-        elif node.op_type == "Conv":
-            kernel = _ints(node, "kernel_shape", [])
-            strides = _ints(node, "strides", [1, 1])
-            if kernel != [3, 3]:
-                problems.append(f"{where}: kernel {kernel}, not 3x3")
-            if strides not in ([1, 1], [2, 2]):
-                problems.append(f"{where}: strides {strides}, not 1 or 2")
-            if any(d != 1 for d in _ints(node, "dilations", [1, 1])):
-                problems.append(f"{where}: dilated")
-            if _ints(node, "group", [1]) != [1]:
-                problems.append(f"{where}: grouped")
-        elif node.op_type == "MaxPool":
-            kernel = _ints(node, "kernel_shape", [])
-            strides = _ints(node, "strides", [1, 1])
-            pads = _ints(node, "pads", [0, 0, 0, 0])
-            if kernel != [2, 2] or strides != [2, 2] or any(pads):
-                problems.append(f"{where}: kernel {kernel} strides {strides} pads {pads}")
-            if _ints(node, "ceil_mode", [0]) != [0] or any(
-                d != 1 for d in _ints(node, "dilations", [1, 1])
-            ):
-                problems.append(f"{where}: ceil mode or dilation")
-    return problems
 
 
 # --- convolutions ----------------------------------------------------------------------------
@@ -629,12 +565,15 @@ def _slice_layer(layer: nn.Conv2d | nn.Linear, lo: int, hi: int) -> nn.Module:
 def split_wide_layers(
     model: nn.Module, max_channels: int, names_to_skip: Iterable[str] = ()
 ) -> list[tuple[str, str, str]]:
-    """Split every dense Conv2d / Linear with more than ``max_channels`` outputs, in place."""
+    """Split every dense Conv2d / Linear with more than ``max_channels`` outputs, in place.
+
+    Returns one (name, was, now) row per split made; a model that is itself one wide layer
+    cannot be split in place, so it gets none (the target check reports the layer)."""
     skip = tuple(names_to_skip)
     rows: list[tuple[str, str, str]] = []
     for name, module in list(model.named_modules()):
-        if type(module) not in (nn.Conv2d, nn.Linear):
-            continue
+        if type(module) not in (nn.Conv2d, nn.Linear) or not name:
+            continue  # a root layer cannot be swapped in place: left for the checker
         if any(name == s or name.startswith(s + ".") for s in skip):
             continue
         out = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
@@ -645,8 +584,7 @@ def split_wide_layers(
             [_slice_layer(module, lo, hi) for lo, hi in zip(bounds, bounds[1:])],
             dim=1 if isinstance(module, nn.Conv2d) else -1,
         )
-        if name:
-            model.set_submodule(name, split)
+        model.set_submodule(name, split)
         rows.append(
             (name, describe(module), f"{len(bounds) - 1} x {type(module).__name__} + Concat")
         )

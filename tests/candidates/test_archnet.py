@@ -10,7 +10,7 @@ from archnet.blocks import BlockSpec
 from archnet.candidates import build_candidate, get_candidate, list_candidates
 from archnet.candidates.archnet import ArchConcatBlock, split_stride
 from archnet.onnx_utils import export_onnx
-from archnet.opconvert import restricted_violations
+from archnet.targets import check_model, load_target
 
 NAMES = list_candidates("archnet_*")
 SPECS = [
@@ -38,7 +38,7 @@ def test_family_registered():
 def test_exports_only_restricted_ops(name, spec):
     model = build_candidate(name, spec)
     proto = export_onnx(model, (1, *spec.in_shape))
-    assert restricted_violations(proto) == []
+    assert check_model(proto, load_target("archnet-5op")) == []
     ops = {n.op_type for n in proto.graph.node}
     assert "Conv" in ops
     if name.startswith("archnet_concat"):
@@ -53,8 +53,10 @@ def test_odd_stride_keeps_shape_but_is_reported(name):
     spec = BlockSpec("s3", (8, 12, 12), (8, 4, 4))
     model = build_candidate(name, spec).eval()
     assert model(torch.randn(1, *spec.in_shape)).shape == (1, *spec.out_shape)
-    problems = restricted_violations(export_onnx(model, (1, *spec.in_shape)))
-    assert problems and all("strides [3, 3]" in p or "MaxPool" in p for p in problems)
+    problems = check_model(export_onnx(model, (1, *spec.in_shape)), load_target("archnet-5op"))
+    assert problems and all(
+        "strides=[3, 3]" in p.reason or p.op_type == "MaxPool" for p in problems
+    )
 
 
 def test_split_stride():
