@@ -14,8 +14,9 @@ from torch import nn
 from archnet.blocks import BlockSpec, find_blocks
 from archnet.costs import BlockStub, block_latency_table, outside_network
 from archnet.flops import count_macs, count_params
-from archnet.onnx_utils import INPUT_NAME, export_onnx, ort_session
+from archnet.onnx_utils import INPUT_NAME, export_chain, export_onnx, ort_session
 from archnet.targets import LatencyCache, get_backend
+from archnet.targets.latency import LatencyBackend, Prepared, Timings
 from archnet.zoo import create_model
 
 SHAPE = (3, 16, 16)
@@ -128,11 +129,19 @@ def test_block_latency_table(teacher: nn.Module, specs, tmp_path: Path) -> None:
         assert first_hits < n_candidates + 1
         rows = len(cache)
 
+        exporters = table["exporters"]
+        assert set(exporters["blocks"]) == set(table["blocks"])
+        tags = {t for row in exporters["blocks"].values() for t in row.values()}
+        tags |= {exporters[k] for k in ("outside", "teacher_outside", "teacher")}
+        assert tags <= set(export_chain())
+
         again = block_latency_table(backend, cache, teacher, specs, pools, input_shape, cfg)
-        assert again["cache_hits"] == n_candidates  # every candidate comes from the cache
+        # every candidate, the outside parts and the teacher come from the cache
+        assert again["cache_hits"] == n_candidates + 2
         assert len(cache) == rows
-        assert again["blocks"] == table["blocks"]
-        assert again["teacher_blocks"] == table["teacher_blocks"]
+        assert {k: v for k, v in again.items() if k != "cache_hits"} == {
+            k: v for k, v in table.items() if k != "cache_hits"
+        }
 
 
 def _quick_table(teacher: nn.Module, specs, pools: dict, **kw) -> dict:
@@ -178,3 +187,73 @@ def test_block_latency_table_quantized_choices(teacher: nn.Module, specs) -> Non
     assert table["teacher_size_bits"] == model_size_bits(teacher)
     # every outside weight at 8 or 4 bits instead of 32
     assert table["outside_size_bits"] < float_outside / 3
+
+
+class CountingBackend(LatencyBackend):
+    """Times nothing: each item costs 1 ms per 1000 parameters plus a drift that grows with
+    every call, so a number measured twice comes out different."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timed: list[list[str]] = []
+
+    def runtime(self) -> str:
+        return "counting 1"
+
+    def _prepare(self, module, input_shape, exporter=None) -> Prepared:  # noqa: ANN001
+        return Prepared("torchscript/opset17", module)
+
+    def _runner(self, prepared: Prepared, input_shape):  # noqa: ANN001, ANN202
+        return lambda: None
+
+    def measure_interleaved(self, items, rounds=5, warmup=10, repeats=50) -> Timings:  # noqa: ANN001
+        self.timed.append(list(items))
+        drift = 0.125 * len(self.timed)
+        ms = {key: drift + count_params(m) / 1000 for key, (m, _) in items.items()}
+        return Timings(ms, dict.fromkeys(items, "torchscript/opset17"))
+
+
+def test_block_latency_table_is_reproducible_from_one_cache(teacher, specs, tmp_path) -> None:
+    """Two runs on one cache file get one table, re-initialised weights or not; the second
+    measures nothing, not even the outside parts or the whole teacher."""
+    pools = {s.name: {"choices": ["teacher", "skip"]} for s in specs}
+    cfg = SimpleNamespace(warmup=1, repeats=1, rounds=1)
+    backend = CountingBackend()
+    path = tmp_path / "shared.sqlite"
+    with LatencyCache(path) as cache:
+        first = block_latency_table(backend, cache, teacher, specs, pools, (1, *SHAPE), cfg)
+    assert backend.timed  # the first run measured
+    assert first["teacher_ms"] > first["outside_ms"] > 0.0
+    torch.manual_seed(1)
+    other_run = create_model("tiny_resnet").eval()  # same structure, other initialisation
+    fresh = CountingBackend()
+    with LatencyCache(path) as cache:
+        second = block_latency_table(fresh, cache, other_run, specs, pools, (1, *SHAPE), cfg)
+    assert fresh.timed == []
+    assert second["cache_hits"] == 2 * len(specs) + 2
+    same = ("blocks", "teacher_blocks", "outside_ms", "teacher_outside_ms", "overhead_ms")
+    for key in (*same, "teacher_ms", "teacher_predicted_ms", "exporters"):
+        assert second[key] == first[key], key
+    assert second["exporters"]["teacher"] == "torchscript/opset17"
+    assert set(second["exporters"]["blocks"][specs[0].name]) == {"teacher", "skip"}
+
+
+def test_outside_parts_are_timed_as_one_group_with_a_floor(teacher, specs) -> None:
+    backend = CountingBackend()
+    pools = {s.name: {"choices": ["teacher"]} for s in specs}
+    cfg = SimpleNamespace(warmup=1, repeats=1, rounds=1)
+    shell = outside_network(teacher, [])  # a distinct shell: its outside is timed too
+    shell.fc = nn.Linear(shell.fc.in_features, 10, bias=False)
+    table = block_latency_table(
+        backend, LatencyCache(":memory:"), teacher, specs, pools, (1, *SHAPE), cfg, shell=shell
+    )
+    *_, wholes = backend.timed
+    parts = {"outside", "teacher", "teacher_outside"}
+    assert parts < set(wholes) and len(wholes) == len(parts) + 1  # and the floor
+    assert table["outside_ms"] != table["teacher_outside_ms"]  # the shell's own outside
+    # whole networks keep the per-call floor, which the additive model counts once
+    assert table["teacher_ms"] == pytest.approx(
+        0.125 * len(backend.timed) + count_params(teacher) / 1000
+    )

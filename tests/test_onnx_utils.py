@@ -7,12 +7,17 @@ import pytest
 import torch
 from torch import nn
 
+from archnet import onnx_utils
 from archnet.errors import ArchnetError
 from archnet.onnx_utils import (
     ExportMismatchError,
     check_against_torch,
+    common_exporter,
     export_onnx,
+    exporter_of,
+    legacy_exporter_available,
     ort_session,
+    uniform_exporters,
 )
 
 
@@ -59,3 +64,83 @@ def test_mismatch_is_detected() -> None:
         net[0].bias.add_(1.0)
     with pytest.raises(ExportMismatchError):
         check_against_torch(net, model, torch.randn(1, 3, 8, 8), rtol=1e-4, atol=1e-4)
+
+
+def test_export_records_exporter_and_opset(tmp_path: Path) -> None:
+    """The tag names the exporter that ran first in the chain and survives saving."""
+    model = export_onnx(block(), (1, 3, 8, 8), path=tmp_path / "m.onnx")
+    first = "torchscript/opset17" if legacy_exporter_available() else "dynamo/opset17"
+    assert exporter_of(model) == first
+    assert exporter_of(onnx.load(str(tmp_path / "m.onnx"))) == first
+    assert exporter_of(onnx.helper.make_model(model.graph)) is None  # no tag: not ours
+
+
+def _refusing(exporter, refuse):  # noqa: ANN001, ANN202
+    """``exporter`` that raises where ``refuse(module, opset)``; records every call."""
+
+    def export(module, x, opset):  # noqa: ANN001, ANN202
+        calls.append(opset)
+        if refuse(module, opset):
+            raise RuntimeError("refused for the test")
+        return exporter(module, x, opset)
+
+    calls: list[int] = []
+    export.calls = calls
+    return export
+
+
+def test_fallback_and_opset_bump_are_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TorchScript fails, then dynamo at 17: the model says it is dynamo at opset 18."""
+    real = dict(onnx_utils._EXPORTERS)
+    torchscript = _refusing(real["torchscript"], lambda m, opset: True)
+    dynamo = _refusing(real["dynamo"], lambda m, opset: opset < 18)
+    monkeypatch.setitem(onnx_utils._EXPORTERS, "torchscript", torchscript)
+    monkeypatch.setitem(onnx_utils._EXPORTERS, "dynamo", dynamo)
+    monkeypatch.setattr(onnx_utils, "legacy_exporter_available", lambda: True)
+    model = export_onnx(nn.Identity(), (1, 2))
+    assert torchscript.calls == [17] and dynamo.calls == [17, 18]
+    assert exporter_of(model) == "dynamo/opset18"
+    assert {op.version for op in model.opset_import if op.domain == ""} == {18}
+
+
+def test_forced_exporter_is_used_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = dict(onnx_utils._EXPORTERS)
+    torchscript = _refusing(real["torchscript"], lambda m, opset: False)
+    dynamo = _refusing(real["dynamo"], lambda m, opset: False)
+    monkeypatch.setitem(onnx_utils._EXPORTERS, "torchscript", torchscript)
+    monkeypatch.setitem(onnx_utils._EXPORTERS, "dynamo", dynamo)
+    model = export_onnx(nn.Identity(), (1, 2), exporter="dynamo/opset18")
+    assert torchscript.calls == [] and dynamo.calls == [18]
+    assert exporter_of(model) == "dynamo/opset18"
+    refused = _refusing(real["dynamo"], lambda m, opset: True)
+    monkeypatch.setitem(onnx_utils._EXPORTERS, "dynamo", refused)
+    with pytest.raises(RuntimeError, match="refused"):
+        export_onnx(nn.Identity(), (1, 2), exporter="dynamo/opset18")
+    assert torchscript.calls == []  # a forced exporter has no fallback
+    with pytest.raises(ArchnetError, match="unknown ONNX exporter"):
+        export_onnx(nn.Identity(), (1, 2), exporter="tensorrt/opset17")
+
+
+@pytest.mark.parametrize(
+    ("tags", "common"),
+    [
+        (["torchscript/opset17"], "torchscript/opset17"),
+        (["torchscript/opset17", "dynamo/opset17"], "dynamo/opset17"),
+        (["torchscript/opset17", "dynamo/opset18"], "dynamo/opset18"),
+        (["torchscript/opset18", "dynamo/opset17"], "dynamo/opset18"),
+    ],
+)
+def test_common_exporter_is_the_latest_fallback(tags: list[str], common: str) -> None:
+    assert common_exporter(tags) == common
+    assert uniform_exporters(tags)[0] == common
+
+
+def test_uniform_exporters_continue_down_the_chain(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(onnx_utils, "legacy_exporter_available", lambda: True)
+    assert uniform_exporters(["torchscript/opset17", "dynamo/opset17"]) == [
+        "dynamo/opset17",
+        "dynamo/opset18",
+    ]
+    assert uniform_exporters(["torchscript/opset17", "dynamo/opset18"]) == ["dynamo/opset18"]
+    with pytest.raises(ArchnetError, match="no exporter"):
+        common_exporter([])

@@ -4,7 +4,9 @@ Latencies are additive by construction: every measurement has the backend's per-
 (the time of an empty graph at that input shape) subtracted, and the parts outside the blocks
 (stem, head, glue) are timed as the teacher with every block replaced by a near-free stub. The
 predicted network latency is then outside + sum(chosen blocks), which the export stage checks
-against the measured whole network.
+against the measured whole network. Everything in the table, the outside parts and the whole
+teacher included, comes from the latency cache when it was measured before, so runs pointed at
+one cache file get one table and the same seed and data give the same student.
 """
 
 from __future__ import annotations
@@ -61,12 +63,15 @@ def block_latency_table(
     shell: nn.Module | None = None,
     quantize_outside: Callable[[nn.Module, torch.Tensor], nn.Module] | None = None,
 ) -> dict[str, Any]:
-    """Measure every pooled choice (cached), the outside parts and the whole teacher.
+    """Measure every pooled choice, the outside parts and the whole teacher, all cached.
 
     ``shell`` is the network the student's blocks will sit in when it differs from the teacher
     (Arch-Net mode converts the stem and head); its outside parts are the search's offset,
     while the teacher's own outside parts stay the reference. ``quantize_outside`` quantizes
-    those parts as a quantized student will have them.
+    those parts as a quantized student will have them. The outside parts and the teacher are
+    one interleaved group with its own floor, like a block's candidates; being whole networks
+    they keep that floor (``measured_ms``), while block times are above their floors.
+    ``exporters`` names the exporter each number was timed from, mirroring the table.
     """
     kw = {"warmup": cfg.warmup, "repeats": cfg.repeats}
     batch = input_shape[0]
@@ -74,6 +79,7 @@ def block_latency_table(
     hits = 0
     blocks: dict[str, dict[str, float]] = {}
     teacher_blocks: dict[str, float] = {}
+    exporters: dict[str, Any] = {"blocks": {}, "teacher_blocks": {}}
     for spec in specs:
         shape = (batch, *spec.in_shape)
         wanted = pools[spec.name]["choices"]  # the target's rejections are already gone
@@ -82,28 +88,33 @@ def block_latency_table(
         pool = {
             name: build_choice(name, spec, block) for name in dict.fromkeys(["teacher", *wanted])
         }
-        net, floor, hit = measure_cached_group(backend, cache, pool, shape, cfg.rounds, **kw)
-        hits += hit
-        floors["x".join(map(str, shape))] = floor
-        teacher_blocks[spec.name] = net["teacher"]
-        blocks[spec.name] = {name: ms for name, ms in net.items() if name in wanted}
+        group = measure_cached_group(backend, cache, pool, shape, cfg.rounds, **kw)
+        hits += group.hits
+        floors["x".join(map(str, shape))] = group.floor_ms
+        teacher_blocks[spec.name] = group.ms["teacher"]
+        blocks[spec.name] = {name: ms for name, ms in group.ms.items() if name in wanted}
+        exporters["teacher_blocks"][spec.name] = group.exporters["teacher"]
+        exporters["blocks"][spec.name] = {name: group.exporters[name] for name in blocks[spec.name]}
         for _ in pool:
             on_done()
-    items = {
-        "teacher_outside": (outside_network(teacher, specs), input_shape),
-        "teacher": (teacher, input_shape),
-    }
+    wholes = {"teacher_outside": outside_network(teacher, specs), "teacher": teacher}
     outside = outside_network(shell if shell is not None else teacher, specs)
     if quantize_outside is not None:
         quantize_outside(outside, torch.randn(2, *input_shape[1:]))
     if shell is not None or quantize_outside is not None:
-        items["outside"] = (outside, input_shape)
-    wholes = backend.measure_interleaved(items, rounds=cfg.rounds, **kw)
-    outside_ms = wholes.get("outside", wholes["teacher_outside"])
-    teacher_ms = wholes["teacher"]
+        wholes["outside"] = outside
+    group = measure_cached_group(backend, cache, wholes, input_shape, cfg.rounds, **kw)
+    hits += group.hits
+    measured = group.measured_ms
+    outside_key = "outside" if "outside" in wholes else "teacher_outside"
+    outside_ms = measured[outside_key]
+    teacher_ms = measured["teacher"]
+    exporters["outside"] = group.exporters[outside_key]
+    exporters["teacher_outside"] = group.exporters["teacher_outside"]
+    exporters["teacher"] = group.exporters["teacher"]
     on_done()
     on_done()
-    predicted = wholes["teacher_outside"] + sum(teacher_blocks.values())
+    predicted = measured["teacher_outside"] + sum(teacher_blocks.values())
     teacher_macs = count_macs(teacher, input_shape[1:])
     base = shell if shell is not None else teacher
     base_params = count_params(base) - sum(count_params(base.get_submodule(s.name)) for s in specs)
@@ -119,7 +130,7 @@ def block_latency_table(
         "blocks": blocks,
         "teacher_blocks": teacher_blocks,
         "outside_ms": outside_ms,
-        "teacher_outside_ms": wholes["teacher_outside"],
+        "teacher_outside_ms": measured["teacher_outside"],
         "overhead_ms": floors,
         "teacher_ms": teacher_ms,
         "teacher_predicted_ms": predicted,
@@ -131,4 +142,6 @@ def block_latency_table(
         - sum(model_size_bits(m) for m in outside.modules() if isinstance(m, BlockStub)),
         "teacher_size_bits": model_size_bits(teacher),
         "cache_hits": hits,
+        "exporters": exporters,
+        "platform": backend.cache_key().platform,
     }

@@ -2,7 +2,9 @@
 
 Candidate blocks are exported many times during a search, so export favours the fast
 TorchScript-based exporter while the installed torch still ships it and falls back to the
-torch.export-based (dynamo) one otherwise.
+torch.export-based (dynamo) one otherwise. Exporters differ in the graphs they emit, and so in
+latency, so every exported model names the exporter and opset that produced it (``exporter_of``)
+and modules timed against each other can be exported alike (``common_exporter``).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import functools
 import inspect
 import io
 import logging
+import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,17 +29,25 @@ from torch import nn
 from archnet.errors import ArchnetError
 
 __all__ = [
+    "EXPORTER_KEY",
     "ExportMismatchError",
     "check_against_torch",
+    "common_exporter",
     "eval_mode",
+    "export_chain",
     "export_onnx",
+    "exporter_of",
     "legacy_exporter_available",
     "ort_session",
     "sample_input",
+    "stamp_exporter",
+    "uniform_exporters",
 ]
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
+EXPORTER_KEY = "archnet.exporter"
+"""metadata_props key of the exporter tag, e.g. ``"torchscript/opset17"``."""
 
 # Loggers that print progress or version-conversion notes during export; muted so that a
 # search exporting hundreds of blocks keeps a readable console.
@@ -122,25 +133,16 @@ _DYNAMO_MIN_OPSET = 18
 
 def _export_dynamo(module: nn.Module, x: torch.Tensor, opset: int) -> onnx.ModelProto:
     kwargs = {"dynamo": True, "verbose": False} if _accepts_dynamo_flag() else {}
-
-    def export(version: int) -> onnx.ModelProto:
-        program = torch.onnx.export(
-            module,
-            (x,),
-            None,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            opset_version=version,
-            **kwargs,
-        )
-        return program.model_proto
-
-    try:
-        return export(opset)
-    except Exception:
-        if opset >= _DYNAMO_MIN_OPSET:
-            raise
-    return export(_DYNAMO_MIN_OPSET)
+    program = torch.onnx.export(
+        module,
+        (x,),
+        None,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        opset_version=opset,
+        **kwargs,
+    )
+    return program.model_proto
 
 
 @functools.cache
@@ -166,11 +168,89 @@ def legacy_exporter_available() -> bool:
 
 
 _Exporter = Callable[[nn.Module, torch.Tensor, int], onnx.ModelProto]
+# In fallback order: a later exporter is the one a group of modules falls back to together.
 _EXPORTERS: dict[str, _Exporter] = {"torchscript": _export_legacy, "dynamo": _export_dynamo}
+_TAG = re.compile(r"(?P<name>[a-z_]+)/opset(?P<opset>[0-9]+)")
 
 
-def _exporter_order() -> list[str]:
-    return ["torchscript", "dynamo"] if legacy_exporter_available() else ["dynamo"]
+def _tag(name: str, opset: int) -> str:
+    return f"{name}/opset{opset}"
+
+
+def _parse_tag(tag: str) -> tuple[str, int]:
+    match = _TAG.fullmatch(tag)
+    if match is None or match["name"] not in _EXPORTERS:
+        raise ArchnetError(
+            f"unknown ONNX exporter {tag!r}; use '<exporter>/opset<N>' with exporter one of: "
+            + ", ".join(_EXPORTERS)
+        )
+    return match["name"], int(match["opset"])
+
+
+def export_chain(opset: int = 17) -> list[str]:
+    """Exporter tags ``export_onnx`` tries in order at ``opset``; the first that works is used.
+
+    TorchScript first while the installed torch still ships it (it is fast), then dynamo at the
+    same opset, then dynamo at the oldest opset it emits natively (its version converter fails
+    on some graphs). Part of the latency cache key: a new torch can change this order.
+    """
+    names = ["torchscript", "dynamo"] if legacy_exporter_available() else ["dynamo"]
+    tags = [_tag(name, opset) for name in names]
+    if opset < _DYNAMO_MIN_OPSET:
+        tags.append(_tag("dynamo", _DYNAMO_MIN_OPSET))
+    return tags
+
+
+def common_exporter(tags: Iterable[str]) -> str:
+    """The exporter a group of modules exported with ``tags`` falls back to together.
+
+    The latest exporter in fallback order at the highest opset any member needed: every member
+    whose export fell back got there because the earlier choice failed for it.
+    """
+    parsed = [_parse_tag(tag) for tag in tags]
+    if not parsed:
+        raise ArchnetError("no exporter tags to choose a common exporter from")
+    order = list(_EXPORTERS)
+    name = max((n for n, _ in parsed), key=order.index)
+    return _tag(name, max(opset for _, opset in parsed))
+
+
+def uniform_exporters(tags: Iterable[str]) -> list[str]:
+    """Exporters to try, in order, for re-exporting a whole group with one of them.
+
+    ``common_exporter`` first, then the fallbacks after it in ``export_chain``: a member that
+    exported fine with its first choice may still fail with the common one (an identity graph
+    fails dynamo's conversion to opset 17, for one).
+    """
+    tags = list(tags)
+    common = common_exporter(tags)
+    chain = export_chain(min(_parse_tag(tag)[1] for tag in tags))
+    later = chain[chain.index(common) + 1 :] if common in chain else []
+    return [common, *later]
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), 0)
+
+
+def exporter_of(model: onnx.ModelProto) -> str | None:
+    """The tag ``export_onnx`` stamped on ``model`` (e.g. ``"dynamo/opset18"``), else None."""
+    return next((p.value for p in model.metadata_props if p.key == EXPORTER_KEY), None)
+
+
+def stamp_exporter(model: onnx.ModelProto, tag: str | None) -> None:
+    """Record ``tag`` in ``model``'s metadata (replacing an older one); None leaves it as is.
+
+    For code that rebuilds a model's metadata after ``export_onnx`` (e.g. the QDQ rewrite).
+    """
+    if tag is None:
+        return
+    for prop in model.metadata_props:
+        if prop.key == EXPORTER_KEY:
+            prop.value = tag
+            return
+    entry = model.metadata_props.add()
+    entry.key, entry.value = EXPORTER_KEY, tag
 
 
 def export_onnx(
@@ -178,27 +258,34 @@ def export_onnx(
     input_shape: tuple[int, ...],
     path: str | Path | None = None,
     opset: int = 17,
+    exporter: str | None = None,
 ) -> onnx.ModelProto:
     """Export ``module`` at a fixed input shape (with batch) and check the result.
 
-    A fixed shape is used on purpose: latency is measured at each block's real shape, and
-    static shapes let the runtime pick its fastest kernels. If the TorchScript exporter
-    rejects a module, the dynamo exporter gets a second chance before giving up.
+    A fixed shape is used on purpose: latency is measured at each block's real input shape,
+    and static shapes let the runtime pick its fastest kernels. The exporters of
+    ``export_chain(opset)`` are tried in turn; ``exporter`` (a tag such as
+    ``"dynamo/opset18"``) uses that one only, so modules timed together can be exported
+    alike. The tag of the exporter used and the opset it emitted is stored in the model's
+    metadata under ``EXPORTER_KEY`` (read it with ``exporter_of``).
     """
+    chain = [exporter] if exporter is not None else export_chain(opset)
+    steps = [_parse_tag(tag) for tag in chain]
     cpu_module = module if _device(module).type == "cpu" else copy.deepcopy(module).cpu()
     x = sample_input(cpu_module, input_shape)
     errors: list[str] = []
     model: onnx.ModelProto | None = None
     with eval_mode(cpu_module), _quiet(), torch.no_grad():
-        for name in _exporter_order():
+        for name, version in steps:
             try:
-                model = _EXPORTERS[name](cpu_module, x, opset)
+                model = _EXPORTERS[name](cpu_module, x, version)
                 break
             except Exception as exc:  # reported together below
-                errors.append(f"{name}: {type(exc).__name__}: {exc}")
+                errors.append(f"{_tag(name, version)}: {type(exc).__name__}: {exc}")
     if model is None:
         raise RuntimeError(f"ONNX export of {type(module).__name__} failed ({'; '.join(errors)})")
     onnx.checker.check_model(model)
+    stamp_exporter(model, _tag(name, _default_opset(model)))
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
