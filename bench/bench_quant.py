@@ -1,15 +1,18 @@
-"""Quantization baselines against archnet on the demo teacher: one table of top-1, latency, size.
+"""Quantization baselines against archnet on the demo teacher: one table, mean ± std over seeds.
 
-Rows: the FP32 teacher; onnxruntime's static int8 post-training quantization (W8A8); plain LSQ
-quantization-aware fine-tuning of the whole teacher, label-free (logit KD only), at each bit
-setting; and archnet's quantized conversion at each bit setting. Top-1 is measured on the
-held-out labelled digits by running each model's ONNX export in onnxruntime; every ONNX model
-is timed in one interleaved run on the cpu-ort target's backend (onnxruntime, CPU, 1 thread),
-so the latency ratios come from the same run. Size is the weights at their bit width.
+Every method runs at every bit setting (default W8A8, W4A4, W2A4; the first and last layers at
+``--first-last``): onnxruntime's static post-training quantization, plain LSQ
+quantization-aware fine-tuning of the whole teacher (label-free: logit KD only) and archnet's
+quantized conversion. The FP32 teacher is trained once (seed 0); what each of the ``--seeds``
+seeds varies is the quantized method's randomness: the PTQ's calibration sample, LSQ QAT's and
+archnet's training seed. Each row reports, as mean ± std over seeds, top-1 on the evaluation
+images (every model's ONNX run in onnxruntime), its drop from the teacher, the onnxruntime
+latency and its ratio to the teacher (all models timed in one interleaved run on the cpu-ort
+target's backend) and one size measure for every row: the bytes of the ONNX file.
 
-    python bench/bench_quant.py                        # full settings (tens of minutes)
-    python bench/bench_quant.py --fast --skip-ours     # baselines only, a few minutes
-    python bench/bench_quant.py --bits w4a4 --out runs/bench_quant
+    python bench/bench_quant.py                                # full settings (hours)
+    python bench/bench_quant.py --fast --seeds 1               # a smoke run
+    python bench/bench_quant.py --methods ptq,lsq --bits w4a4  # a part of the table
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ import argparse
 import copy
 import dataclasses
 import json
+import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,33 +34,132 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from torch import nn
 
+import archnet
 from archnet.demo import demo_config
 from archnet.onnx_utils import export_onnx
-from archnet.quant import export_any, export_qdq, is_quantized, model_size_bits, parse_bits
-from archnet.quant.baselines import lsq_qat, onnx_size_bits, onnx_top1, ptq_onnxruntime
+from archnet.quant import export_any, export_qdq, is_quantized, onnx_bytes, parse_bits
+from archnet.quant.baselines import lsq_qat, onnx_top1, ptq_onnxruntime, u8s8_saturates
 from archnet.targets import load_target
-from archnet.zoo import demo_teacher, evaluate
+from archnet.zoo import demo_teacher
 
 TARGET = "cpu-ort"
+# the issue's bar for archnet: at most this many points of top-1 below the FP32 teacher
+MAX_DROP = {"w4a4": 1.0, "w2a4": 3.0}
 console = Console()
 
 
-def load_teacher(out: Path, fast: bool, seed: int) -> tuple[nn.Module, Any, Any]:
-    """The demo teacher and its digits split, reused from ``out`` when an earlier run saved them.
+@dataclass
+class Bench:
+    """What every method reads: the teacher, its data, the settings."""
 
-    Same files and training call as ``archnet demo``, so ``--out`` may point at a demo's folder.
-    """
-    teacher_file, data_file = out / "teacher_trained.pt", out / "digits_split.pt"
-    if teacher_file.exists() and data_file.exists():
-        console.print(f"[bold]teacher[/] reusing {teacher_file}")
-        teacher = torch.load(teacher_file, map_location="cpu", weights_only=False)
-        train, heldout = torch.load(data_file, weights_only=False)
-    else:
-        console.print("[bold]teacher[/] training tiny_effnet on digits (labels used only here)")
-        teacher, train, heldout = demo_teacher(seed=seed, epochs=2 if fast else None, progress=True)
-        torch.save(teacher, teacher_file)
-        torch.save((train, heldout), data_file)
-    return teacher.eval(), train, heldout
+    teacher: nn.Module
+    train: Any  # ImageData: the conversion and the QAT see its images only, never its labels
+    test: Any  # labelled ImageData for top-1
+    shape: tuple[int, ...]  # the fixed ONNX input shape every model is exported and timed at
+    first_last: tuple[int, int] | None
+    args: argparse.Namespace
+
+
+@dataclass
+class Run:
+    """One method at one bit setting and seed."""
+
+    method: str
+    bits: str
+    seed: int
+    proto: onnx.ModelProto
+    seconds: float
+    note: str = ""
+    top1: float = 0.0
+    latency_ms: float = 0.0
+    size: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}-{self.bits}-s{self.seed}"
+
+    def record(self) -> dict[str, Any]:
+        """Everything but the model, for the JSON results."""
+        fields = [f.name for f in dataclasses.fields(self) if f.name != "proto"]
+        return {"key": self.key, **{name: getattr(self, name) for name in fields}}
+
+
+# --- the methods ------------------------------------------------------------------------------
+
+
+def run_ptq(b: Bench, spec: str, seed: int) -> tuple[onnx.ModelProto, str]:
+    """onnxruntime static PTQ; the seed draws the calibration sample from the training images."""
+    order = torch.randperm(len(b.train), generator=torch.Generator().manual_seed(seed))
+    calib = b.train.images[order[: b.args.calib]]
+    w, _ = parse_bits(spec)
+    proto = ptq_onnxruntime(
+        b.teacher, calib, b.shape, bits=parse_bits(spec), first_last=b.first_last
+    )
+    if not u8s8_saturates():
+        return proto, ""
+    if w == 8:
+        return proto, "weights at 7 bits (reduce_range)"
+    return proto, "first/last weights at 7 bits (reduce_range)" if b.first_last else ""
+
+
+def run_lsq(b: Bench, spec: str, seed: int) -> tuple[onnx.ModelProto, str]:
+    cfg = demo_config(b.args.fast, TARGET, bits=spec)
+    ft = copy.deepcopy(cfg.finetune)
+    if b.args.qat_epochs is not None:
+        ft.epochs = b.args.qat_epochs
+    steps = ft.epochs * -(-len(b.train) // ft.batch_size)
+    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(f"LSQ QAT {spec} seed {seed}", total=steps)
+
+        def on_step(loss: float) -> None:
+            bar.update(task, advance=1, description=f"LSQ QAT {spec} seed {seed} KD {loss:.4f}")
+
+        student = lsq_qat(
+            b.teacher, b.train.images, parse_bits(spec), b.first_last, ft, seed, on_step
+        )
+    return export_qdq(student, b.shape), f"{ft.epochs} epochs"
+
+
+def run_ours(b: Bench, spec: str, seed: int) -> tuple[onnx.ModelProto, str]:
+    """archnet's conversion with the demo's quantized settings, through the public API."""
+    cfg = demo_config(b.args.fast, TARGET, bits=spec)
+    cfg.first_last = b.args.first_last
+    cfg.seed = seed
+    if b.args.budget is not None:
+        cfg.budget = b.args.budget
+    result = archnet.convert(
+        b.teacher,
+        b.train.images,  # unlabeled: the conversion never sees a label
+        target=TARGET,
+        budget=cfg.budget,
+        out=b.args.out / f"ours-{spec}-s{seed}",
+        eval_data=b.test,
+        resume=True,
+        config=cfg,
+    )
+    student = result.student.eval()
+    onnx_file = result.run_dir / "student.onnx"
+    proto = onnx.load(str(onnx_file)) if onnx_file.exists() else None
+    usable = (
+        proto is not None
+        and input_shape_of(proto) == b.shape
+        and (has_qdq(proto) or not is_quantized(student))
+    )
+    if not usable:  # e.g. exported at another batch size: export the same student here
+        proto = export_any(student, b.shape)
+    return proto, f"budget {cfg.budget}"
+
+
+Runner = Callable[[Bench, str, int], tuple[onnx.ModelProto, str]]
+METHODS: dict[str, tuple[str, Runner]] = {
+    "ptq": ("onnxruntime static PTQ", run_ptq),
+    "lsq": ("LSQ QAT (logit KD)", run_lsq),
+    "ours": ("archnet (ours)", run_ours),
+}
+
+
+# --- helpers ----------------------------------------------------------------------------------
 
 
 def has_qdq(proto: onnx.ModelProto) -> bool:
@@ -65,222 +170,208 @@ def input_shape_of(proto: onnx.ModelProto) -> tuple[int, ...]:
     return tuple(d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim)
 
 
-def run_ours(
-    teacher: nn.Module, train: Any, heldout: Any, bits: str, args: argparse.Namespace
-) -> tuple[nn.Module, onnx.ModelProto, Path]:
-    """archnet's conversion at ``bits``; returns (student, its QDQ ONNX at the bench shape, run)."""
-    from archnet.pipeline import convert
-
-    cfg = demo_config(args.fast, TARGET, bits=bits)  # the demo's quantized settings
-    cfg.first_last = args.first_last
-    if args.budget is not None:
-        cfg.budget = args.budget
-    result = convert(
-        teacher,
-        train.images,  # unlabeled: the conversion never sees a label
-        target=TARGET,
-        budget=cfg.budget,
-        out=args.out / f"ours-{bits}",
-        eval_data=heldout,
-        resume=True,
-        config=cfg,
-    )
-    student = result.student.eval()
-    onnx_file = result.run_dir / "student.onnx"
-    proto = onnx.load(str(onnx_file)) if onnx_file.exists() else None
-    usable = (
-        proto is not None
-        and input_shape_of(proto) == args.shape
-        and (has_qdq(proto) or not is_quantized(student))
-    )
-    if not usable:  # e.g. exported at another batch size: export the same student here
-        proto = export_any(student, args.shape)
-    return student, proto, result.run_dir
+def load_teacher(args: argparse.Namespace) -> tuple[nn.Module, Any, Any]:
+    """The demo teacher (seed 0) and its data, reused from ``--out`` when trained there before."""
+    epochs = args.teacher_epochs if args.teacher_epochs is not None else (2 if args.fast else None)
+    file = args.out / f"teacher-{'default' if epochs is None else f'e{epochs}'}.pt"
+    if file.exists() and not args.fresh_teacher:
+        console.print(f"[bold]teacher[/] reusing {file}")
+        teacher, train, test = torch.load(file, map_location="cpu", weights_only=False)
+    else:
+        console.print("[bold]teacher[/] training the demo teacher (labels used only here)")
+        teacher, train, test = demo_teacher(seed=0, epochs=epochs, progress=True)
+        torch.save((teacher, train, test), file)
+    if args.train_limit:
+        train = train.subset(args.train_limit)
+    if args.eval_limit:
+        test = test.subset(args.eval_limit)
+    return teacher.eval(), train, test
 
 
-def fmt_row(r: dict[str, Any], teacher: dict[str, Any]) -> list[str]:
-    drop = teacher["top1"] - r["top1"]
-    return [
-        r["method"],
-        r["bits"],
-        f"{r['top1']:.2f}",
-        "-" if r is teacher else f"{drop:+.2f}",
-        f"{r['latency_ms']:.3f}",
-        f"{r['latency_ms'] / teacher['latency_ms']:.2f}x",
-        f"{r['size_kb']:.1f}",
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None with a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def fmt(values: list[float], digits: int, suffix: str = "", sign: bool = False) -> str:
+    mean, std = mean_std(values)
+    text = f"{mean:+.{digits}f}" if sign else f"{mean:.{digits}f}"
+    return text + suffix + ("" if std is None else f" ± {std:.{digits}f}{suffix}")
+
+
+HEADER = [
+    "method",
+    "bits",
+    "seeds",
+    "top-1 %",
+    "drop (pts)",
+    "ORT ms",
+    "vs teacher",
+    "ONNX file kB",
+    "note",
+]
+
+
+def table_rows(teacher: Run, runs: list[Run]) -> list[list[str]]:
+    """One row per (method, bits) over its seeds, after the teacher's."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for r in runs:
+        groups.setdefault((r.method, r.bits), []).append(r)
+    rows = [
+        [
+            "FP32 teacher",
+            "fp32",
+            "-",
+            f"{teacher.top1:.2f}",
+            "-",
+            f"{teacher.latency_ms:.3f}",
+            "1.00x",
+            f"{teacher.size['file_bytes'] / 1e3:.1f}",
+            "trained once, seed 0",
+        ]
     ]
+    for (method, bits), group in groups.items():
+        rows.append(
+            [
+                METHODS[method][0],
+                bits,
+                str(len(group)),
+                fmt([r.top1 for r in group], 2),
+                fmt([teacher.top1 - r.top1 for r in group], 2, sign=True),
+                fmt([r.latency_ms for r in group], 3),
+                fmt([r.latency_ms / teacher.latency_ms for r in group], 2, "x"),
+                fmt([r.size["file_bytes"] / 1e3 for r in group], 1),
+                "; ".join(sorted({r.note for r in group if r.note})),
+            ]
+        )
+    return rows
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = ["method", "bits", "top-1 %", "drop (pts)", "ORT ms", "vs teacher", "size KB"]
-    teacher = rows[0]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(fmt_row(r, teacher)) + " |" for r in rows]
-    return "\n".join(lines)
+def markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def main(argv: list[str] | None = None) -> None:
+def check_drops(teacher: Run, runs: list[Run]) -> dict[str, dict[str, Any]]:
+    """archnet's mean drop at the settings the issue bounds, against its bound."""
+    checks = {}
+    for spec, bound in MAX_DROP.items():
+        drops = [teacher.top1 - r.top1 for r in runs if r.method == "ours" and r.bits == spec]
+        if drops:
+            mean = statistics.fmean(drops)
+            checks[f"ours-{spec}"] = {"mean_drop": mean, "bound": bound, "met": mean <= bound}
+    return checks
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/bench_quant"))
-    p.add_argument("--fast", action="store_true", help="fewer epochs and timing repeats")
+    p.add_argument("--fast", action="store_true", help="the demo's fast settings (a smoke run)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method and bit setting")
     p.add_argument("--bits", default="w8a8,w4a4,w2a4", help="comma-separated w<b>a<b> settings")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated: ptq,lsq,ours")
     p.add_argument(
         "--first-last",
         default="w8a8",
-        help="bits of the first and last layers ('same': like the others)",
+        help="bits of the first and last layers ('same': like the rest)",
     )
-    p.add_argument("--skip-ours", action="store_true", help="baselines only")
     p.add_argument("--qat-epochs", type=int, default=None, help="default: the demo's fine-tune")
     p.add_argument("--calib", type=int, default=256, help="calibration images for the PTQ")
     p.add_argument("--budget", default=None, help="archnet latency budget (default: the demo's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-epochs", type=int, default=None, help="default: the demo's")
+    p.add_argument("--fresh-teacher", action="store_true", help="retrain even if one is saved")
+    p.add_argument("--train-limit", type=int, default=0, help="use only the first N train images")
+    p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N images")
     args = p.parse_args(argv)
+    args.bit_specs = [b.strip().lower() for b in args.bits.split(",") if b.strip()]
+    for spec in args.bit_specs:
+        parse_bits(spec)
+    args.method_keys = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(args.method_keys) - set(METHODS))
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}; use {', '.join(METHODS)}")
+    if args.seeds < 1:
+        p.error("--seeds must be at least 1")
+    return args
 
-    bit_specs = [b.strip() for b in args.bits.split(",") if b.strip()]
-    for b in bit_specs:
-        parse_bits(b)
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     first_last = None if args.first_last == "same" else parse_bits(args.first_last)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
     cfg = demo_config(args.fast, TARGET)
     target = load_target(TARGET)
-    teacher, train, heldout = load_teacher(args.out, args.fast, args.seed)
-    args.shape = (cfg.latency.batch_size or target.batch_size, *train.images.shape[1:])
+    teacher, train, test = load_teacher(args)
+    shape = (cfg.latency.batch_size or target.batch_size, *train.images.shape[1:])
+    bench = Bench(teacher, train, test, shape, first_last, args)
     console.print(
-        f"  {len(train)} unlabeled training images, {len(heldout)} held-out labelled; "
-        f"ONNX input {args.shape}"
+        f"  {len(train)} unlabeled training images, {len(test)} labelled evaluation images "
+        f"({test.source}); ONNX input {shape}; seeds 0..{args.seeds - 1}"
     )
 
-    rows: list[dict[str, Any]] = []
-    protos: dict[str, onnx.ModelProto] = {}
+    teacher_run = Run("teacher", "fp32", 0, export_onnx(teacher, shape), 0.0)
+    runs: list[Run] = []
+    for method in args.method_keys:
+        label, runner = METHODS[method]
+        for spec in args.bit_specs:
+            for seed in range(args.seeds):
+                console.print(f"[bold]{label}[/] {spec}, first/last {args.first_last}, seed {seed}")
+                t0 = time.perf_counter()
+                proto, note = runner(bench, spec, seed)
+                runs.append(Run(method, spec, seed, proto, time.perf_counter() - t0, note))
 
-    def add(key: str, method: str, bits: str, proto: onnx.ModelProto, size_bits: int, **extra):
-        protos[key] = proto
-        rows.append(
-            {
-                "key": key,
-                "method": method,
-                "bits": bits,
-                "size_kb": size_bits / 8 / 1024,
-                **extra,
-            }
-        )
-
-    add(
-        "teacher",
-        "FP32 teacher",
-        "fp32",
-        export_onnx(teacher, args.shape),
-        model_size_bits(teacher),
-        torch_top1=evaluate(teacher, heldout),
-    )
-
-    console.print("[bold]ptq[/] onnxruntime quantize_static (QDQ, per-channel int8, MinMax)")
-    t0 = time.perf_counter()
-    ptq = ptq_onnxruntime(teacher, train.images[: args.calib], args.shape)
-    add(
-        "ptq",
-        "onnxruntime static PTQ",
-        "w8a8",
-        ptq,
-        onnx_size_bits(ptq),
-        seconds=time.perf_counter() - t0,
-    )
-
-    fl_text = "" if first_last is None else f", first/last {args.first_last}"
-    ft = copy.deepcopy(cfg.finetune)
-    if args.qat_epochs is not None:
-        ft.epochs = args.qat_epochs
-    steps = ft.epochs * -(-len(train) // ft.batch_size)
-    for spec in bit_specs:
-        t0 = time.perf_counter()
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as bar:
-            task = bar.add_task(f"LSQ QAT {spec} ({ft.epochs} epochs)", total=steps)
-
-            def on_step(loss: float, task=task, bar=bar, spec=spec) -> None:
-                bar.update(task, advance=1, description=f"LSQ QAT {spec} KD loss {loss:.4f}")
-
-            student = lsq_qat(
-                teacher, train.images, parse_bits(spec), first_last, ft, args.seed, on_step
-            )
-        torch.save(student, args.out / f"lsq_qat-{spec}.pt")
-        add(
-            f"lsq-{spec}",
-            "LSQ QAT (logit KD)",
-            spec + fl_text,
-            export_qdq(student, args.shape),
-            model_size_bits(student),
-            torch_top1=evaluate(student, heldout),
-            seconds=time.perf_counter() - t0,
-        )
-
-    if args.skip_ours:
-        console.print("[bold]ours[/] skipped (--skip-ours)")
-    for spec in [] if args.skip_ours else bit_specs:
-        console.print(f"[bold]ours[/] archnet convert, bits {spec}{fl_text}")
-        t0 = time.perf_counter()
-        student, proto, run_dir = run_ours(teacher, train, heldout, spec, args)
-        add(
-            f"ours-{spec}",
-            "archnet (ours)",
-            spec + fl_text,
-            proto,
-            model_size_bits(student),
-            torch_top1=evaluate(student, heldout),
-            seconds=time.perf_counter() - t0,
-            run_dir=str(run_dir),
-        )
-
-    console.print("[bold]top-1[/] held-out digits, every model run in onnxruntime")
-    for row in rows:
-        row["top1"] = onnx_top1(protos[row["key"]], heldout.images, heldout.labels)
+    every = [teacher_run, *runs]
+    console.print(f"[bold]top-1[/] {len(test)} evaluation images, every model in onnxruntime")
+    for r in every:
+        r.top1 = onnx_top1(r.proto, test.images, test.labels)
+        r.size = dataclasses.asdict(onnx_bytes(r.proto))
 
     backend = target.latency_backend()
     console.print(
-        f"[bold]latency[/] {len(protos)} ONNX models interleaved on {backend} "
+        f"[bold]latency[/] {len(every)} ONNX models interleaved on {backend} "
         f"({cfg.latency.rounds} rounds, {cfg.latency.repeats} samples each)"
     )
     times = backend.measure_interleaved(
-        {key: (proto, args.shape) for key, proto in protos.items()},
+        {r.key: (r.proto, shape) for r in every},
         rounds=cfg.latency.rounds,
         warmup=cfg.latency.warmup,
         repeats=cfg.latency.repeats,
     )
-    for row in rows:
-        row["latency_ms"] = times[row["key"]]
+    for r in every:
+        r.latency_ms = times[r.key]
 
-    table = markdown_table(rows)
+    table = markdown_table(table_rows(teacher_run, runs))
     title = (
-        f"Quantization on the demo teacher (tiny_effnet, digits 32x32): top-1 on "
-        f"{len(heldout)} held-out images; latency onnxruntime CPU, {backend.threads} thread, "
-        f"batch {args.shape[0]}, one interleaved run"
+        f"Quantization of the demo teacher ({type(teacher).__name__}, {test.source}, input "
+        f"{tuple(shape[1:])}): mean ± std over {args.seeds} seed(s); top-1 on {len(test)} "
+        f"evaluation images in onnxruntime; latency onnxruntime CPU, {backend.threads} thread, "
+        f"batch {shape[0]}, one interleaved run; size = bytes of the ONNX file"
     )
+    checks = check_drops(teacher_run, runs)
     (args.out / "quant_table.md").write_text(f"{title}\n\n{table}\n")
     results = {
         "title": title,
-        "input_shape": list(args.shape),
+        "input_shape": list(shape),
         "fast": args.fast,
-        "qat_epochs": ft.epochs,
+        "seeds": args.seeds,
         "first_last": args.first_last,
         "backend": {"name": backend.name, "device": backend.device, "threads": backend.threads},
         "latency": dataclasses.asdict(cfg.latency),
-        "skip_ours": args.skip_ours,
-        "rows": rows,
+        "size_measure": "ONNX file bytes (onnx_bytes(...).file_bytes)",
+        "checks": checks,
+        "runs": [r.record() for r in every],
         "seconds": time.perf_counter() - started,
     }
     (args.out / "quant_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print()
-    print(title)
-    print()
-    print(table)
-    print()
+    print(f"\n{title}\n\n{table}\n")
+    for name, c in checks.items():
+        verdict = "met" if c["met"] else "NOT met"
+        print(f"{name}: mean drop {c['mean_drop']:+.2f} pts (bound {c['bound']:.1f}): {verdict}")
     print(f"written: {args.out / 'quant_table.md'}, {args.out / 'quant_results.json'}")
 
 

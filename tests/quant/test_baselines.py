@@ -8,16 +8,18 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 from torch import nn
 
 from archnet.data import ImageData, digits
 from archnet.distill.finetune import FinetuneConfig
 from archnet.distill.losses import kd_kl
+from archnet.errors import ArchnetError
 from archnet.export import output_step
 from archnet.onnx_utils import export_onnx, ort_session
-from archnet.quant import QuantConfig, QuantModule, export_qdq, prepare_qat
-from archnet.quant.baselines import lsq_qat, onnx_size_bits, onnx_top1, ptq_onnxruntime
+from archnet.quant import QuantConfig, QuantModule, export_qdq, onnx_bytes, prepare_qat
+from archnet.quant.baselines import lsq_qat, onnx_top1, ptq_onnxruntime, u8s8_saturates
+from archnet.quant.ptq import _saturation_probe
 from archnet.zoo import train_classifier
 
 SIZE = 16
@@ -72,11 +74,86 @@ def test_ptq_is_qdq_and_close_to_float(ptq_model, digits_teacher) -> None:
     assert np.abs(got - ref).max() < 0.05 * float(ref.max() - ref.min())
     # int8 weights: far smaller than the float export
     float_proto = export_onnx(teacher, (8, 3, SIZE, SIZE))
-    assert onnx_size_bits(proto) < 0.5 * onnx_size_bits(float_proto)
+    assert onnx_bytes(proto).initializer_bytes < 0.5 * onnx_bytes(float_proto).initializer_bytes
     # and nearly the float model's accuracy
     ref_top1 = onnx_top1(float_proto, held.images, held.labels)
     assert ref_top1 > 80
     assert onnx_top1(proto, held.images, held.labels) > ref_top1 - 3
+
+
+def _weights(proto: onnx.ModelProto) -> list[tuple[int, np.ndarray]]:
+    """(ONNX type, integers) of every stored conv/linear weight, in graph order."""
+    return [
+        (t.data_type, numpy_helper.to_array(t).astype(np.int64))
+        for t in proto.graph.initializer
+        if t.data_type in (TensorProto.INT8, TensorProto.INT4) and len(t.dims) > 1
+    ]
+
+
+def _weight_ranges(proto: onnx.ModelProto) -> set[tuple[int, int]]:
+    """(min, max) of every stored int8 conv/linear weight."""
+    return {(int(w.min()), int(w.max())) for t, w in _weights(proto) if t == TensorProto.INT8}
+
+
+def test_ptq_reduces_the_weight_range_where_kernels_saturate(ptq_model) -> None:
+    """Per-channel MinMax puts every channel's largest weight at the grid's edge: 127 with
+    8-bit weights, 64 with onnxruntime's 7-bit ``reduce_range``."""
+    edge = 64 if u8s8_saturates() else 127
+    assert _weight_ranges(ptq_model[1]) == {(-edge, edge)}
+
+
+def test_ptq_reduce_range_can_be_forced(digits_teacher) -> None:
+    teacher, train, _ = digits_teacher
+    for reduce_range, edge in ((True, 64), (False, 127)):
+        proto = ptq_onnxruntime(
+            teacher, train.images[:16], (8, 3, SIZE, SIZE), reduce_range=reduce_range
+        )
+        assert _weight_ranges(proto) == {(-edge, edge)}
+
+
+@pytest.mark.parametrize(("bits", "peak"), [((4, 4), 7), ((2, 4), 1), ((3, 4), 3)])
+def test_ptq_below_8_bits(digits_teacher, bits: tuple[int, int], peak: int) -> None:
+    """4-bit weights use onnxruntime's INT4; narrower ones its symmetric MinMax rule in INT4
+    storage, every channel reaching the grid's edge; the first and last layers keep 8 bits."""
+    teacher, train, held = digits_teacher
+    proto = ptq_onnxruntime(
+        teacher, train.images[:16], (8, 3, SIZE, SIZE), bits=bits, first_last=(8, 8)
+    )
+    qdq = [n for n in proto.graph.node if n.op_type.endswith("QuantizeLinear")]
+    assert qdq and {n.domain for n in qdq} == {""}  # standard opset-21 Q/DQ, not contrib ops
+    weights = _weights(proto)
+    assert len(weights) == 4  # three convs and the linear layer
+    (first_type, _), *inner, (last_type, _) = weights
+    assert first_type == last_type == TensorProto.INT8
+    for onnx_type, w in inner:
+        assert onnx_type == TensorProto.INT4
+        per_channel = np.abs(w.reshape(w.shape[0], -1)).max(1)
+        assert set(per_channel.tolist()) <= {peak, peak + 1}  # INT4's -8 may hold 8 at 4 bits
+        assert w.min() >= -peak - (1 if peak == 7 else 0) and w.max() <= peak
+    x = held.images[:8].numpy()
+    outs = [ort_session(proto, optimize=o).run(None, {"input": x})[0] for o in (False, True)]
+    assert np.allclose(outs[0], outs[1], atol=1e-4)  # both runtimes read the 4-bit graph alike
+
+
+def test_ptq_refuses_widths_onnxruntime_lacks(digits_teacher) -> None:
+    teacher, train, _ = digits_teacher
+    with pytest.raises(ArchnetError, match="activations at 8 or 4 bits"):
+        ptq_onnxruntime(teacher, train.images[:8], (8, 3, SIZE, SIZE), bits=(4, 2))
+    with pytest.raises(ArchnetError, match="weight bits"):
+        ptq_onnxruntime(teacher, train.images[:8], (8, 3, SIZE, SIZE), bits=(1, 8))
+    with pytest.raises(ArchnetError, match="calibrate_method"):
+        ptq_onnxruntime(teacher, train.images[:8], (8, 3, SIZE, SIZE), calibrate_method="mse")
+
+
+def test_saturation_probe_answer() -> None:
+    """The probe's graph as written gives its stated answer; a 16-bit pair sum could not."""
+    model, x, exact = _saturation_probe()
+    session = ort_session(model, optimize=False)
+    (y,) = session.run(None, {"x": x})
+    assert np.all(y == 127 * 1024)
+    assert exact == 127 * 1024
+    pair = min(2 * 255 * 127, 2**15 - 1)  # what a saturating kernel adds per pair
+    assert round(2 * pair / 1024) * 1024 != exact
 
 
 def test_onnx_top1_pads_the_last_batch() -> None:

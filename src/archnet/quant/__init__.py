@@ -11,12 +11,15 @@ from archnet.quant.api import (
     quantize_model,
     strip_quantizers,
 )
-from archnet.quant.export import export_any, export_qdq, int4_supported, qdq_report
+from archnet.quant.export import export_any, export_qdq, qdq_report
+from archnet.quant.int4 import int4_probe, int4_supported
 from archnet.quant.lsq import LSQQuantizer, quant_range
 from archnet.quant.modules import QuantConv2d, QuantLinear, QuantModule, mark_unsigned_after_relu
+from archnet.quant.size import OnnxSize, onnx_bytes
 
 __all__ = [
     "LSQQuantizer",
+    "OnnxSize",
     "QuantConfig",
     "QuantConv2d",
     "QuantLinear",
@@ -25,10 +28,12 @@ __all__ = [
     "export_any",
     "export_qdq",
     "fold_bn",
+    "int4_probe",
     "int4_supported",
     "is_quantized",
     "mark_unsigned_after_relu",
     "model_size_bits",
+    "onnx_bytes",
     "parse_bits",
     "prepare_qat",
     "qdq_report",
