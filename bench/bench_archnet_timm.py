@@ -20,7 +20,7 @@ from rich.table import Table
 
 from archnet import ConvertConfig, convert, load_target
 from archnet.onnx_utils import ort_session
-from archnet.targets.opset import check_model
+from archnet.targets import check_model
 
 MODELS = ["resnet18", "resnet50", "efficientnet_b0", "mobilenetv3_small_100", "convnext_atto"]
 
@@ -54,7 +54,7 @@ def main() -> None:
     for name in a.models:
         torch.manual_seed(0)
         teacher = timm.create_model(name, pretrained=False, num_classes=10).eval()
-        cfg = ConvertConfig(model=f"timm:{name}", candidates="archnet_*", heldout_fraction=0.25)
+        cfg = ConvertConfig(model=f"timm:{name}", candidates="archnet_*", selection_fraction=0.25)
         cfg.blockwise.epochs, cfg.blockwise.batch_size = 1, 16
         cfg.arch.epochs_per_stage, cfg.arch.global_epochs, cfg.arch.batch_size = 0.25, 1, 16
         cfg.latency.repeats = 20

@@ -70,7 +70,7 @@ def main() -> None:
     for name in a.models:
         torch.manual_seed(0)
         teacher = timm.create_model(name, pretrained=False, num_classes=10).eval()
-        cfg = ConvertConfig(model=f"timm:{name}", heldout_fraction=0.25)
+        cfg = ConvertConfig(model=f"timm:{name}", selection_fraction=0.25)
         cfg.blockwise.epochs, cfg.blockwise.batch_size = 1, 32
         cfg.finetune.epochs, cfg.finetune.batch_size = 1, 32
         cfg.latency.repeats = 20

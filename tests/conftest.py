@@ -1,13 +1,19 @@
-"""Shared fixtures: one tiny finished conversion reused by the pipeline and CLI tests."""
+"""Shared fixtures: a small trained teacher and one tiny finished conversion of it.
+
+The teacher is tiny_resnet trained briefly on scikit-learn's digits, so its blocks compute
+something (none is an identity: its residual branches start at zero and training moves them)
+and a candidate that copies a block badly scores worse than one that copies it well.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from archnet import convert
 from archnet.config import ConvertConfig
-from archnet.pipeline import convert
-from archnet.zoo import create_model
+from archnet.data import ImageData, digits
+from archnet.zoo import create_model, train_classifier
 
 
 def tiny_config(**kw) -> ConvertConfig:
@@ -22,25 +28,36 @@ def tiny_config(**kw) -> ConvertConfig:
 
 
 @pytest.fixture(scope="session")
-def tiny_teacher() -> torch.nn.Module:
+def digits_data() -> tuple[ImageData, ImageData]:
+    """Digits at 32x32, split once: (teacher training images, images the teacher never saw)."""
+    return digits(size=32).split(0.7, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(digits_data) -> torch.nn.Module:
+    train, _ = digits_data
     torch.manual_seed(0)
-    return create_model("tiny_resnet", num_classes=10).eval()
+    model = create_model("tiny_resnet", num_classes=10)
+    return train_classifier(model, train, epochs=2, lr=1e-2, batch_size=64, progress=False)
 
 
 @pytest.fixture(scope="session")
-def tiny_images() -> torch.Tensor:
-    torch.manual_seed(1)
-    return torch.randn(48, 3, 32, 32)
+def tiny_images(digits_data) -> torch.Tensor:
+    """Unlabeled images for conversions (unseen by the teacher)."""
+    return digits_data[1].images[:48]
 
 
 @pytest.fixture(scope="session")
-def finished_run(tmp_path_factory, tiny_teacher, tiny_images):
+def tiny_eval(digits_data) -> ImageData:
+    """Labelled images for evaluation, disjoint from ``tiny_images``."""
+    held = digits_data[1]
+    return ImageData(held.images[48:112], held.labels[48:112], None, "digits-eval")
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, tiny_teacher, tiny_images, tiny_eval):
     """A complete conversion of tiny_resnet; tests only read it or copy it."""
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    labels = torch.randint(0, 10, (len(tiny_images),))
-    from archnet.data import ImageData
-
-    eval_data = ImageData(tiny_images[:16], labels[:16], None, "test")
     return convert(
-        tiny_teacher, tiny_images, budget=0.7, out=out, eval_data=eval_data, config=tiny_config()
+        tiny_teacher, tiny_images, budget=0.7, out=out, eval_data=tiny_eval, config=tiny_config()
     )

@@ -8,11 +8,11 @@ import torch
 
 from archnet import ConvertConfig, convert, load_target
 from archnet.onnx_utils import ort_session
-from archnet.targets.opset import check_model
+from archnet.targets import check_model
 
 
 def tiny_archnet_config(name: str) -> ConvertConfig:
-    cfg = ConvertConfig(model=f"timm:{name}", candidates="archnet_conv", heldout_fraction=0.25)
+    cfg = ConvertConfig(model=f"timm:{name}", candidates="archnet_conv", selection_fraction=0.25)
     cfg.blockwise.epochs, cfg.blockwise.batch_size = 1, 8
     cfg.arch.epochs_per_stage, cfg.arch.global_epochs, cfg.arch.batch_size = 0.1, 1, 8
     cfg.latency.warmup, cfg.latency.repeats, cfg.latency.rounds = 1, 3, 1

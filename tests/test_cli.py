@@ -3,11 +3,24 @@
 import subprocess
 import sys
 
+import onnx
 import pytest
 import torch
 
+from archnet import cli
 from archnet.cli import main
+from archnet.quant import export_qdq, qdq_report
+from archnet.targets.qdq import COMPUTE_OPS, quantized_tensors
 from archnet.zoo import create_model
+from tests.targets.graphs import (
+    GraphBuilder,
+    activation_graph,
+    compliant,
+    computed_weight_conv,
+    declare,
+    saturate_weights,
+    tiny_quantized_classifier,
+)
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -138,6 +151,67 @@ def test_search_then_report(capsys, finished_run, tmp_path):
     assert code == 2  # the re-solved run has no report until it is exported again
 
 
+def _copy(finished_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run.run_dir, copy)
+    return copy
+
+
+def test_resume_with_a_changed_search_option_says_what_reruns(capsys, finished_run, tmp_path):
+    copy = _copy(finished_run, tmp_path)
+    code, out, err = run_cli(capsys, "convert", "--resume", "--out", str(copy), "--budget", "1.3")
+    assert code == 0, err
+    assert "budget (stored '0.7', now '1.3')" in err and "stages from search on run again" in err
+    assert "budget 1.3" in out
+
+
+def test_resume_with_a_changed_seed_is_refused(capsys, finished_run, tmp_path):
+    copy = _copy(finished_run, tmp_path)
+    code, _, err = run_cli(capsys, "convert", "--resume", "--out", str(copy), "--seed", "5")
+    assert_one_line_error(code, err, "seed (stored 0, now 5)", "--out NEW_DIR")
+
+
+def test_a_second_process_on_a_run_is_refused(capsys, finished_run, tmp_path):
+    from archnet.store import open_store
+
+    copy = _copy(finished_run, tmp_path)
+    with open_store(copy).locked():
+        code, _, err = run_cli(capsys, "export", "--run", str(copy))
+    assert_one_line_error(code, err, "in use by another archnet process")
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ('seed = "x"', "c.toml: seed must be an integer"),
+        ('[blockwise]\nepochs = "two"', "blockwise.epochs must be an integer"),
+        ("[finetune]\nlr = true", "finetune.lr must be a number"),
+    ],
+)
+def test_config_values_of_the_wrong_type(capsys, tmp_path, resnet_ckpt, toml, needle):
+    config = tmp_path / "c.toml"
+    config.write_text(toml.replace("\\n", "\n") + "\n")
+    code, err = convert(
+        capsys,
+        tmp_path,
+        "--checkpoint",
+        str(resnet_ckpt),
+        "--data",
+        "digits",
+        "--config",
+        str(config),
+    )
+    assert_one_line_error(code, err, needle)
+
+
+def test_out_that_is_a_file(capsys, tmp_path, resnet_ckpt):
+    (tmp_path / "r").write_text("not a directory")
+    code, err = convert(capsys, tmp_path, "--checkpoint", str(resnet_ckpt), "--data", "digits")
+    assert_one_line_error(code, err, "is a file")
+
+
 def test_not_a_run_directory(capsys, tmp_path):
     code, _, err = run_cli(capsys, "export", "--run", str(tmp_path))
     assert_one_line_error(code, err, "not an archnet run")
@@ -209,3 +283,153 @@ def test_bad_quantization_options(capsys, tmp_path, resnet_ckpt, args, needles):
 def test_qdq_export_of_a_float_run(capsys, finished_run):
     code, _, err = run_cli(capsys, "export", "--run", str(finished_run.run_dir), "--format", "qdq")
     assert_one_line_error(code, err, "float student", "--bits")
+
+
+# --- archnet check --------------------------------------------------------------------------------
+
+
+def save(tmp_path, name: str, model: onnx.ModelProto) -> str:
+    path = tmp_path / name
+    onnx.save_model(model, str(path))
+    return str(path)
+
+
+def test_check_exit_codes(tmp_path, capsys):
+    good = save(tmp_path, "good.onnx", compliant().model())
+    g = GraphBuilder()
+    g.conv("/blocks.0/conv_pw/Conv", 8, 8, k=7)
+    g.add("Sigmoid", "/blocks.0/act/Sigmoid")
+    bad = save(tmp_path, "bad.onnx", g.model())
+
+    code, out, _ = run_cli(capsys, "check", good, "--target", "archnet-5op")
+    assert code == 0
+    assert out.strip().splitlines() == ["0 violation(s), 0 unverified of archnet-5op in 8 nodes"]
+
+    code, out, _ = run_cli(capsys, "check", bad, "--target", "archnet-5op", "--allow-unverified")
+    assert code == 1  # violations fail whatever is allowed
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("/blocks.0/conv_pw/Conv (Conv) [from blocks.0.conv_pw]: ")
+    assert "kernel_shape=[7, 7]" in lines[0]
+    assert lines[1].startswith("/blocks.0/act/Sigmoid (Sigmoid) [from blocks.0.act]: ")
+    assert lines[2] == "2 violation(s), 0 unverified of archnet-5op in 2 nodes"
+
+
+def test_check_unverified_fails_unless_allowed(tmp_path, capsys):
+    """The conv's weight shape cannot be inferred, so its kernel rule cannot be checked."""
+    path = save(tmp_path, "dyn.onnx", computed_weight_conv().raw())
+    code, out, _ = run_cli(capsys, "check", path, "--target", "archnet-5op")
+    assert code == 1
+    lines = out.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("/c/Conv (Conv) [from c]: unverified: kernel_shape unknown: ")
+    assert lines[1] == "0 violation(s), 1 unverified of archnet-5op in 2 nodes"
+    code, out, _ = run_cli(capsys, "check", path, "--target", "archnet-5op", "--allow-unverified")
+    assert code == 0
+    assert out.strip().splitlines()[-1] == (
+        "0 violation(s), 1 unverified (unverified allowed) of archnet-5op in 2 nodes"
+    )
+    # an open target has no rule that needs the kernel
+    assert run_cli(capsys, "check", path, "--target", "cpu-ort")[0] == 0
+
+
+def test_check_computed_clip_bound_is_unverified(tmp_path, capsys):
+    model = declare(activation_graph("computed").model(), [{"tensor": "x", "bits": 4}])
+    path = save(tmp_path, "clip.onnx", model)
+    code, out, _ = run_cli(capsys, "check", path, "--target", "cpu-ort")
+    assert code == 1
+    assert out.startswith("/a/Q (QuantizeLinear) [from r]: unverified: activation 'x' is declared")
+    assert run_cli(capsys, "check", path, "--target", "cpu-ort", "--allow-unverified")[0] == 0
+
+
+def test_check_user_profile_and_missing_file(tmp_path, capsys):
+    model = save(tmp_path, "m.onnx", compliant().model())
+    profile = tmp_path / "chip.toml"
+    profile.write_text(
+        'name = "chip"\n[latency]\nbackend = "onnxruntime"\n[rules]\nmax_channels = 16\n',
+        encoding="utf-8",
+    )
+    code, out, _ = run_cli(capsys, "check", model, "--target", str(profile))
+    assert code == 1
+    assert out.strip().splitlines() == [
+        "/fc/Gemm (Gemm) [from fc]: in_features=32 is not allowed (chip rules.max_channels = 16)",
+        "1 violation(s), 0 unverified of chip in 8 nodes",
+    ]
+    code, _, err = run_cli(capsys, "check", str(tmp_path / "absent.onnx"), "--target", "cpu-ort")
+    assert_one_line_error(code, err, "absent.onnx", "does not exist")
+    (tmp_path / "notes.onnx").write_text("not a model", encoding="utf-8")
+    code, _, err = run_cli(capsys, "check", str(tmp_path / "notes.onnx"), "--target", "cpu-ort")
+    assert_one_line_error(code, err, "notes.onnx", "not a readable ONNX model")
+
+
+def qdq_rows(out: str) -> list[list[str]]:
+    return [
+        [c.strip() for c in ln.split("│")[1:-1]] for ln in out.splitlines() if ln.startswith("│")
+    ]
+
+
+def test_check_prints_declared_and_graph_bits(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli.out, "width", 200)  # at 80 columns the table shortens names
+    model = tiny_quantized_classifier()
+    saturate_weights(model)
+    path = tmp_path / "q.onnx"
+    proto = export_qdq(model, (1, 3, 16, 16), path=path)
+    tensors = quantized_tensors(proto)
+    code, out, _ = run_cli(capsys, "check", str(path), "--target", "archnet-5op-int")
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert (
+        lines[0]
+        == f"0 violation(s), 0 unverified of archnet-5op-int in {len(proto.graph.node)} nodes"
+    )
+    header = next(line for line in lines if "name" in line and "consumer" in line)
+    for col in ("kind", "declared", "graph bits", "storage", "signed", "per-channel", "verified"):
+        assert col in header
+    assert [row[:5] + row[-1:] for row in qdq_rows(out)] == [
+        [t.name, t.kind, str(r["bits"]), str(r["bits"]), t.storage, "yes"]
+        for t, r in zip(tensors, qdq_report(proto), strict=True)
+    ]
+    counts = {b: sum(t.bits == b for t in tensors) for b in (8, 4)}
+    assert lines[-1] == (
+        f"{len(tensors)} quantized tensors: {counts[8]} at 8 bits, {counts[4]} at 4 bits by the "
+        f"graph; declared: {len(tensors)} verified; float compute nodes: 0"
+    )
+
+
+def test_check_rewritten_declaration_fails(tmp_path, capsys, monkeypatch):
+    """Metadata rewritten to declare 2 bits on a 4-bit weight: the graph says 4, check fails."""
+    monkeypatch.setattr(cli.out, "width", 200)
+    model = tiny_quantized_classifier()
+    saturate_weights(model)
+    proto = export_qdq(model, (1, 3, 16, 16))
+    report = qdq_report(proto)
+    entry = next(r for r in report if r["kind"] == "weight" and r["bits"] == 4)
+    entry["bits"] = 2
+    path = save(tmp_path, "lie.onnx", declare(proto, report))
+    code, out, _ = run_cli(capsys, "check", path, "--target", "archnet-5op-int")
+    assert code == 1
+    lines = out.strip().splitlines()
+    assert lines[0].startswith(f"<unnamed> (DequantizeLinear) [from 2]: weight '{entry['tensor']}'")
+    assert lines[1].startswith("1 violation(s), 0 unverified")
+    row = next(r for r in qdq_rows(out) if r[0] == entry["tensor"])
+    assert (row[2], row[3], row[-1]) == ("2", "4", "NO")
+    assert "declared: 5 verified, 1 mismatch;" in lines[-1]
+
+
+def test_check_float_model_on_integer_target(tmp_path, capsys):
+    model = compliant().model()
+    path = save(tmp_path, "f.onnx", model)
+    code, out, _ = run_cli(capsys, "check", path, "--target", "archnet-5op-int")
+    assert code == 1
+    lines = out.strip().splitlines()
+    compute = sum(n.op_type in COMPUTE_OPS for n in model.graph.node)
+    assert len(lines) == 2 * compute + 1  # two float operands per node, then the count
+    assert all("float compute: input" in line for line in lines[:-1])
+    assert "quantized tensors" not in lines[-1]
+
+
+def test_targets_lists_archnet_5op(capsys, monkeypatch):
+    monkeypatch.setattr(cli.out, "width", 200)  # at 80 columns the table shortens names
+    code, out, _ = run_cli(capsys, "targets")
+    assert code == 0
+    names = {line.split("│")[1].strip() for line in out.splitlines() if "│" in line}
+    assert {"archnet-5op", "archnet-5op-int"} <= names

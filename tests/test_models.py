@@ -12,6 +12,7 @@ import timm
 import torch
 from torch import nn
 
+from archnet.cli import main
 from archnet.errors import ArchnetError
 from archnet.models import load_model, read_state_dict
 from archnet.zoo import create_model
@@ -122,6 +123,20 @@ def test_timm_checkpoint_with_other_class_count(tmp_path: Path) -> None:
     _assert_same_outputs(model, source, x)
 
 
+@pytest.mark.parametrize("spec", ["zoo:tiny_effnet", "timm:resnet18"])
+def test_checkpoint_implies_input_channels_and_classes(tmp_path: Path, spec: str) -> None:
+    """A grayscale, 7-class checkpoint builds the model with 1 input channel and 7 classes."""
+    if spec.startswith("zoo"):
+        source = create_model("tiny_effnet", num_classes=7, in_chans=1)
+    else:
+        source = timm.create_model("resnet18", num_classes=7, in_chans=1)
+    path = tmp_path / "gray.pth"
+    torch.save(source.state_dict(), path)
+    model = load_model(spec, path)
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+
+
 def test_unknown_timm_model() -> None:
     with pytest.raises(ArchnetError, match="unknown timm model 'no_such_net_xyz'"):
         load_model("timm:no_such_net_xyz")
@@ -150,6 +165,19 @@ _FACTORY_SOURCE = textwrap.dedent(
 
     def not_a_model():
         return 42
+
+    def broken():
+        raise ValueError("no weights for\\nthis size")
+
+    def needs_args(depth, width=8, *, act):
+        return make()
+
+    def resnet_three():
+        import timm
+
+        return timm.create_model("resnet18", num_classes=3)
+
+    not_callable = 42
     """
 )
 
@@ -160,6 +188,7 @@ def factory_pkg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "nets.py").write_text(_FACTORY_SOURCE)
+    (pkg / "exploding.py").write_text("raise RuntimeError('boom at import')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "archnet_testpkg_factory.nets"
     for name in [n for n in sys.modules if n.startswith("archnet_testpkg_factory")]:
@@ -185,3 +214,62 @@ def test_factory_errors(factory_pkg: str) -> None:
         load_model("archnet_no_such_package.mod:make")
     with pytest.raises(ArchnetError, match="not a Module"):
         load_model(f"{factory_pkg}:not_a_model")
+
+
+def _assert_cli_error(capsys, tmp_path: Path, model: str, *needles: str) -> None:
+    """`archnet convert --model MODEL` ends with one error line and exit code 2."""
+    code = main(["convert", "--model", model, "--data", "digits", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("archnet: error:")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_factory_that_raises(factory_pkg: str, tmp_path: Path, capsys) -> None:
+    spec = f"{factory_pkg}:broken"
+    with pytest.raises(ArchnetError, match="raised ValueError: no weights for this size") as info:
+        load_model(spec)
+    assert spec in str(info.value) and "\n" not in str(info.value)
+    _assert_cli_error(capsys, tmp_path, spec, spec, "raised ValueError", "no weights")
+
+
+def test_factory_that_needs_arguments(factory_pkg: str, tmp_path: Path, capsys) -> None:
+    spec = f"{factory_pkg}:needs_args"
+    with pytest.raises(ArchnetError, match=r"needs arguments \(depth, act\)"):
+        load_model(spec)
+    _assert_cli_error(capsys, tmp_path, spec, spec, "needs arguments", "defaults")
+
+
+def test_factory_that_is_not_callable(factory_pkg: str, tmp_path: Path, capsys) -> None:
+    spec = f"{factory_pkg}:not_callable"
+    with pytest.raises(ArchnetError, match=r"is not callable \(its type is int\)"):
+        load_model(spec)
+    _assert_cli_error(capsys, tmp_path, spec, spec, "not callable")
+
+
+def test_factory_module_that_raises_on_import(factory_pkg: str, tmp_path: Path, capsys) -> None:
+    spec = "archnet_testpkg_factory.exploding:make"
+    with pytest.raises(ArchnetError, match="RuntimeError: boom at import"):
+        load_model(spec)
+    _assert_cli_error(capsys, tmp_path, spec, "cannot import model factory", "boom at import")
+
+
+def test_factory_without_num_classes_for_a_checkpoint_with_others(
+    factory_pkg: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "seven.pth"
+    torch.save(timm.create_model("resnet18", num_classes=7).state_dict(), path)
+    with pytest.raises(ArchnetError, match="cannot take num_classes=7"):
+        load_model(f"{factory_pkg}:resnet_three", path)
+
+
+def test_timm_creation_that_raises(monkeypatch, tmp_path: Path, capsys) -> None:
+    def create_model(name, pretrained=False, **kwargs):
+        raise TypeError(f"ResNet.__init__() got an unexpected keyword argument 'bogus' ({name})")
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    with pytest.raises(ArchnetError, match="timm model 'resnet18' raised TypeError: .*'bogus'"):
+        load_model("timm:resnet18")
+    _assert_cli_error(capsys, tmp_path, "timm:resnet18", "timm model 'resnet18'", "TypeError")

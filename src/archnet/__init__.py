@@ -4,10 +4,10 @@ HANT/LANA (candidate operations per block, measured latency, integer linear prog
 Arch-Net (restricted operator sets, progressive blockwise distillation), label-free.
 """
 
+from archnet.api import ConversionResult, convert, resume
 from archnet.blocks import BlockSpec, find_blocks
 from archnet.config import ConvertConfig
 from archnet.errors import ArchnetError
-from archnet.pipeline import ConversionResult, convert
 from archnet.targets import Target, list_targets, load_target
 
 __all__ = [
@@ -20,5 +20,6 @@ __all__ = [
     "find_blocks",
     "list_targets",
     "load_target",
+    "resume",
 ]
 __version__ = "0.1.0"

@@ -242,6 +242,29 @@ class FeatureCache:
         logits.flush()
         (out_dir / "logits.tmp.npy").replace(self.path(split, "logits"))
 
+    def problem(
+        self, splits: tuple[str, ...], specs: list[BlockSpec], sizes: dict[str, int]
+    ) -> str | None:
+        """Why the cache cannot serve ``specs`` on ``splits`` (a file missing, truncated or of
+        the wrong shape), or None when every file is whole."""
+        for split in splits:
+            n = sizes[split]
+            expected: dict[str, tuple[int, ...] | None] = {"logits": None}
+            for i, s in enumerate(specs):
+                expected[f"{i:03d}_in"] = (n, *s.in_shape)
+                expected[f"{i:03d}_out"] = (n, *s.out_shape)
+            for key, shape in expected.items():
+                path = self.path(split, key)
+                try:
+                    arr = self.load(split, key)
+                except FileNotFoundError:
+                    return f"{path} is missing"
+                except (OSError, ValueError) as e:
+                    return f"{path} is unreadable ({type(e).__name__})"
+                if arr.shape[0] != n or (shape is not None and arr.shape != shape):
+                    return f"{path} holds shape {arr.shape}, expected {shape or (n, '...')}"
+        return None
+
     def load(self, split: str, key: str) -> np.ndarray:
         return np.load(self.path(split, key), mmap_mode="r")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,26 +37,22 @@ def _input_size(text: str | None) -> tuple[int, ...] | None:
     return dims
 
 
-def _default_input_size(model, data: str) -> tuple[int, ...]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "input_size" in cfg:
-        return tuple(cfg["input_size"])
-    if data == "digits":
-        return (3, 32, 32)
-    raise ArchnetError("cannot tell the model's input size; pass --input-size C,H,W")
+def _ratio(s: float, t: float) -> str:
+    return f"{s / t:.2f}" if t else "n/a"
 
 
 def print_summary(rep: dict, run_dir: Path) -> None:
     """The teacher-vs-student table every conversion ends with."""
+    from archnet.report import kb, mean_std
+
     t, s = rep["teacher"], rep["student"]
-    lat = rep["latency"]
+    lat, sp = rep["latency"], rep["splits"]
     table = Table(
         title=f"archnet: {rep['model']} on {rep['target']['name']} "
         f"({lat['backend']}, {lat['threads']} thread(s), batch {lat['input_shape'][0]})"
     )
-    table.add_column("")
-    table.add_column("teacher", justify="right")
-    table.add_column("student", justify="right")
+    for col, justify in (("", "left"), ("teacher", "right"), ("student", "right")):
+        table.add_column(col, justify=justify)
     table.add_column("student / teacher", justify="right")
     table.add_row(
         "latency, measured (ms)",
@@ -66,33 +61,41 @@ def print_summary(rep: dict, run_dir: Path) -> None:
         f"{1 / rep['speedup']:.2f} ({faster(rep['speedup'])})",
     )
     table.add_row(
-        "latency, sum of parts (ms)",
-        f"{t['sum_of_parts_ms']:.3f}",
-        f"{s['sum_of_parts_ms']:.3f}",
-        f"prediction error {100 * rep['prediction_error']:.1f}%",
-    )
-    table.add_row(
         "latency, search table (ms)",
         f"{t['predicted_latency_ms']:.3f}",
         f"{s['predicted_latency_ms']:.3f}",
-        f"error {100 * rep['table_prediction_error']:.1f}% (incl. drift)",
+        f"prediction error {100 * rep['prediction_error']:.1f}%",
+    )
+    table.add_row(
+        "latency, sum of parts (ms)",
+        f"{t['sum_of_parts_ms']:.3f}",
+        f"{s['sum_of_parts_ms']:.3f}",
+        f"additivity error {100 * rep['additivity_error']:.1f}%",
     )
     if "top1" in s:
         table.add_row(
-            "top-1 held-out (%)",
+            f"top-1, {sp['eval']:,} eval images (%)",
             f"{t['top1']:.2f}",
             f"{s['top1']:.2f}",
             f"{s['top1'] - t['top1']:+.2f} points",
         )
+    agree = rep["agreement"]
+    table.add_row("same class as teacher (%)", "", f"{100 * agree['argmax_agreement']:.2f}", "")
     table.add_row(
-        "parameters", f"{t['params']:,}", f"{s['params']:,}", f"{s['params'] / t['params']:.2f}"
+        "parameters", f"{t['params']:,}", f"{s['params']:,}", _ratio(s["params"], t["params"])
     )
-    table.add_row("MACs", f"{t['macs']:,}", f"{s['macs']:,}", f"{s['macs'] / t['macs']:.2f}")
+    table.add_row("MACs", f"{t['macs']:,}", f"{s['macs']:,}", _ratio(s["macs"], t["macs"]))
     table.add_row(
-        "size (kB)",
-        f"{t['size_bits'] / 8e3:,.1f}",
-        f"{s['size_bits'] / 8e3:,.1f}",
-        f"{s['size_bits'] / t['size_bits']:.3f}",
+        "size, packed at bit width (kB)",
+        kb(t["size_bits"], True),
+        kb(s["size_bits"], True),
+        _ratio(s["size_bits"], t["size_bits"]),
+    )
+    table.add_row(
+        "size, ONNX file (kB)",
+        kb(t["onnx_file_bytes"]),
+        kb(s["onnx_file_bytes"]),
+        _ratio(s["onnx_file_bytes"], t["onnx_file_bytes"]),
     )
     q = rep.get("quantization")
     if q:
@@ -117,87 +120,108 @@ def print_summary(rep: dict, run_dir: Path) -> None:
             f"as onnxruntime runs it: {deployed}"
         )
     if rep.get("ablation"):
-        abl = Table(title="Arch-Distillation ablation (same student, same data)")
+        seeds = len(next(iter(rep["ablation"].values()))["seeds"])
+        abl = Table(
+            title=f"Arch-Distillation ablation (same student; mean ± std over {seeds} seeds)"
+        )
         for col in ("variant", "top-1 (%)", "KL from teacher"):
             abl.add_column(col, justify="left" if col == "variant" else "right")
         for label, row in rep["ablation"].items():
-            top = row.get("top1")
-            abl.add_row(label, "n/a" if top is None else f"{top:.2f}", f"{row['kl']:.4f}")
+            abl.add_row(label, mean_std(row, "top1"), mean_std(row, "kl", ".4f"))
         out.print(abl)
+    for w in rep["warnings"]:
+        out.print(f"[bold yellow]warning:[/] {w}", highlight=False)
     out.print(
         f"budget {rep['budget_spec']} -> {rep['budgets']['latency_ms']:.3f} ms; "
-        f"{rep['search']['pool_size']} candidates, search space 10^"
-        f"{rep['search']['space_log10']:.1f}; report: {run_dir / 'report.md'}"
+        f"{rep['search']['pool_size']} choices, search space 10^"
+        f"{rep['search']['space_log10']:.1f}; images: {sp['train']:,} train, "
+        f"{sp['selection']:,} selection, {sp['eval']:,} eval; report: {run_dir / 'report.md'}"
     )
+
+
+# CLI options -> config keys (dotted for nested settings)
+_OPTIONS = {
+    "target": "target",
+    "budget": "budget",
+    "params_budget": "params_budget",
+    "macs_budget": "macs_budget",
+    "size_budget": "size_budget",
+    "bits": "bits",
+    "first_last": "first_last",
+    "bit_choices": "bit_choices",
+    "blocks": "blocks",
+    "candidates": "candidates",
+    "eval_data": "eval_data",
+    "seed": "seed",
+    "max_samples": "max_samples",
+    "epochs": "blockwise.epochs",
+    "finetune_epochs": "finetune.epochs",
+    "workers": "blockwise.workers",
+    "latency_cache": "latency.cache",
+}
+
+
+def _apply_options(cfg, a: argparse.Namespace) -> None:
+    """Set every option given on the command line (and only those) on ``cfg``."""
+    for option, key in _OPTIONS.items():
+        value = getattr(a, option, None)
+        if value is None:
+            continue
+        *path, name = key.split(".")
+        obj = cfg
+        for part in path:
+            obj = getattr(obj, part)
+        setattr(obj, name, value)
 
 
 @command("convert")
 def _convert(a: argparse.Namespace) -> int:
+    from archnet.api import is_run, start
     from archnet.config import ConvertConfig
     from archnet.models import load_model
-    from archnet.pipeline import create_run, finish, open_run
+    from archnet.store import open_store
 
-    if a.resume and Path(a.out, "state.json").exists():
-        result = finish(open_run(a.out))
-        print_summary(result.report, result.run_dir)
-        return 0
-    if not a.model or not a.data:
+    resuming = a.resume and is_run(a.out)
+    if not resuming and (not a.model or not a.data):
         raise ArchnetError("convert needs --model and --data (or --resume with an existing --out)")
-    cfg = ConvertConfig.load(a.config) if a.config else ConvertConfig()
-    model = load_model(a.model, a.checkpoint)
-    cfg.model, cfg.checkpoint, cfg.data = a.model, a.checkpoint, a.data
-    cfg.input_size = _input_size(a.input_size) or _default_input_size(model, a.data)
-    for key in (
-        "target",
-        "budget",
-        "params_budget",
-        "macs_budget",
-        "size_budget",
-        "bits",
-        "first_last",
-        "bit_choices",
-        "blocks",
-        "candidates",
-        "eval_data",
-        "seed",
-        "max_samples",
-    ):
-        if getattr(a, key) is not None:
-            setattr(cfg, key, getattr(a, key))
-    if a.epochs is not None:
-        cfg.blockwise.epochs = a.epochs
-    if a.finetune_epochs is not None:
-        cfg.finetune.epochs = a.finetune_epochs
-    if a.workers is not None:
-        cfg.blockwise.workers = a.workers
-    result = finish(create_run(model, a.data, cfg, a.out, eval_data=cfg.eval_data, resume=a.resume))
+    if resuming:
+        cfg = open_store(a.out).config
+    else:
+        cfg = ConvertConfig.load(a.config) if a.config else ConvertConfig()
+    if a.model:
+        cfg.model, cfg.checkpoint = a.model, a.checkpoint
+    if a.data:
+        cfg.data = a.data
+    if a.input_size:
+        cfg.input_size = _input_size(a.input_size)
+    elif not resuming:
+        cfg.input_size = None  # the model's own, else the data set's
+    _apply_options(cfg, a)
+    model = load_model(a.model, a.checkpoint) if a.model else None
+    result = start(model, a.data, cfg, a.out, eval_data=cfg.eval_data, resume=a.resume)
     print_summary(result.report, result.run_dir)
     return 0
 
 
 @command("search")
 def _search(a: argparse.Namespace) -> int:
-    from archnet.pipeline import STAGES, open_run
+    from archnet.config import ConvertConfig
+    from archnet.stages import reconcile, run_stages
+    from archnet.stages.latency import check_budgets
+    from archnet.store import RunStore, open_store
 
-    run = open_run(a.run)
-    if "score" not in run.state["done"]:
-        raise ArchnetError(
-            f"{a.run} has no scored candidates yet; finish it with "
-            f"`archnet convert --resume --out {a.run}`"
-        )
-    if a.budget is not None:
-        run.config.budget = a.budget
-    for key in ("params_budget", "macs_budget", "size_budget"):
-        if getattr(a, key) is not None:
-            setattr(run.config, key, getattr(a, key))
-    run.invalidate("search")
-    run.config.save(run.path("config.toml"))
-    # solve once quietly first: an infeasible budget then ends in one error line, before
-    # run_stages prints its stage header (the re-solve below takes well under a second)
-    STAGES["search"](run)
-    from archnet.pipeline import run_stages
-
-    run_stages(run, until="search")
+    store = open_store(a.run)
+    with store.locked():
+        if "score" not in store.done():
+            raise ArchnetError(
+                f"{a.run} has no scored candidates yet; finish it with "
+                f"`archnet convert --resume --out {a.run}`"
+            )
+        new = ConvertConfig.from_dict(store.config.to_dict())
+        _apply_options(new, a)
+        check_budgets(RunStore(store.root, new))  # an infeasible budget changes nothing
+        reconcile(store, new)
+        run_stages(store, until="search")
     out.print(
         f"re-solved {a.run}; run `archnet export --run {a.run}` to assemble, fine-tune "
         "and export the new student"
@@ -207,32 +231,38 @@ def _search(a: argparse.Namespace) -> int:
 
 @command("export")
 def _export(a: argparse.Namespace) -> int:
-    from archnet.pipeline import finish, open_run
+    from archnet.api import finish
+    from archnet.store import open_store
 
-    run = open_run(a.run)
-    if a.format == "qdq" and not run.config.bits:
+    store = open_store(a.run)
+    if a.format == "qdq" and not store.config.bits:
         raise ArchnetError(
             f"{a.run} holds a float student; QDQ export needs a quantized one: convert with "
             "--bits (e.g. --bits w8a8)"
         )
-    result = finish(run)
+    result = finish(store)
     print_summary(result.report, result.run_dir)
-    kind = "QDQ ONNX" if run.config.bits else "ONNX"
+    kind = "QDQ ONNX" if store.config.bits else "ONNX"
     out.print(f"{kind} student: {result.run_dir / 'student.onnx'}")
     return 0
 
 
 @command("report")
 def _report(a: argparse.Namespace) -> int:
-    from archnet.pipeline import open_run
+    from archnet.store import CorruptResult, open_store, read_json
 
-    run = open_run(a.run)
-    path = run.path("report.json")
-    if "report" not in run.state["done"]:  # absent, or stale after `archnet search`
+    store = open_store(a.run)
+    if "report" not in store.done():  # absent, or stale after `archnet search`
         raise ArchnetError(
             f"{a.run} has no report yet; finish it with `archnet export --run {a.run}`"
         )
-    print_summary(json.loads(path.read_text()), run.root)
+    try:
+        print_summary(read_json(store.path("report.json")), store.root)
+    except (CorruptResult, KeyError, TypeError):
+        raise ArchnetError(
+            f"{store.path('report.json')} is unreadable; run `archnet export --run {a.run}` "
+            "to write it again"
+        ) from None
     return 0
 
 
@@ -240,12 +270,16 @@ def _report(a: argparse.Namespace) -> int:
 def _latency(a: argparse.Namespace) -> int:
     """Per-block latency table of a model on a target (no training)."""
     from archnet.blocks import find_blocks
+    from archnet.config import ConvertConfig
     from archnet.costs import outside_network
     from archnet.models import load_model
+    from archnet.stages.prepare import resolve_input_size
     from archnet.targets import load_target
 
     model = load_model(a.model, a.checkpoint)
-    size = _input_size(a.input_size) or _default_input_size(model, "")
+    cfg = ConvertConfig(input_size=_input_size(a.input_size))
+    resolve_input_size(cfg, model, "")
+    size = cfg.input_size
     target = load_target(a.target)
     backend = target.latency_backend()
     batch = a.batch_size or target.batch_size
@@ -279,10 +313,12 @@ def _latency(a: argparse.Namespace) -> int:
 
 @command("check")
 def _check(a: argparse.Namespace) -> int:
-    """One line per broken operator or attribute rule; exit 1 if there is any (for CI).
+    """One line per broken rule and per node the checker could not verify; exit 1 on any
+    violation, and on anything unverified unless --allow-unverified (for CI).
 
-    A quantized (QDQ) model also gets a table of its quantized tensors, because the bit widths
-    an integer chip will see are read from the graph, not from how the model was trained.
+    A quantized (QDQ) model also gets a table of its quantized tensors: the width each
+    declares beside the width the graph proves, because an integer chip runs the graph, not
+    the declaration.
     """
     from collections import Counter
 
@@ -290,12 +326,8 @@ def _check(a: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from archnet.targets import load_target
-    from archnet.targets.opset import (
-        check_model,
-        float_compute_nodes,
-        format_violation,
-        quantized_tensors,
-    )
+    from archnet.targets.check import check_report, format_unverified, format_violation
+    from archnet.targets.qdq import MISMATCH, UNVERIFIED, VERIFIED, float_compute_nodes
 
     path = Path(a.model)
     if not path.is_file():
@@ -305,35 +337,50 @@ def _check(a: argparse.Namespace) -> int:
     except Exception:
         raise ArchnetError(f"{path} is not a readable ONNX model") from None
     target = load_target(a.target)
-    violations = check_model(model, target)
+    report = check_report(model, target)
     # plain print: rich would read "[from module]" as markup and wrap long lines
-    for v in violations:
+    for v in report.violations:
         print(format_violation(v))
-    print(f"{len(violations)} violation(s) of {target.name} in {len(model.graph.node)} nodes")
-    tensors = quantized_tensors(model)
+    for u in report.unverified:
+        print(format_unverified(u))
+    allowed = " (unverified allowed)" if a.allow_unverified and report.unverified else ""
+    print(
+        f"{len(report.violations)} violation(s), {len(report.unverified)} unverified{allowed} "
+        f"of {target.name} in {report.nodes} nodes"
+    )
+    tensors = report.tensors
     if tensors:
+        verdicts = {VERIFIED: "yes", MISMATCH: "NO", UNVERIFIED: "unverified", None: "-"}
         table = Table(title=f"quantized tensors of {escape(path.name)}")
-        for col in ("name", "kind", "bits", "storage", "signed", "per-channel", "consumer"):
-            table.add_column(col, justify="right" if col == "bits" else "left")
+        columns = ("name", "kind", "declared", "graph bits", "storage", "signed", "per-channel")
+        for col in (*columns, "consumer", "verified"):
+            table.add_column(col, justify="right" if col in ("declared", "graph bits") else "left")
         for t in tensors:
             table.add_row(
                 escape(t.name),
                 t.kind,
+                "-" if t.declared_bits is None else str(t.declared_bits),
                 str(t.bits),
                 t.storage,
                 "yes" if t.signed else "no",
                 "yes" if t.per_channel else "no",
                 escape(t.consumer) or "-",
+                verdicts[t.declaration],
             )
         out.print(table)
         widths = sorted(Counter(t.bits for t in tensors).items(), reverse=True)
         counts = ", ".join(f"{n} at {bits} bits" for bits, n in widths)
+        states = Counter(t.declaration for t in tensors if t.declaration is not None)
+        declared = ", ".join(
+            f"{states[s]} {s}" for s in (VERIFIED, MISMATCH, UNVERIFIED) if s in states
+        )
         noun = "tensor" if len(tensors) == 1 else "tensors"
         print(
-            f"{len(tensors)} quantized {noun}: {counts}; "
+            f"{len(tensors)} quantized {noun}: {counts} by the graph; "
+            f"declared: {declared or 'none'}; "
             f"float compute nodes: {len(float_compute_nodes(model))}"
         )
-    return 1 if violations else 0
+    return 0 if report.passed(allow_unverified=a.allow_unverified) else 1
 
 
 @command("targets")
@@ -378,8 +425,16 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a teacher into a student for a target")
     c.add_argument("--model", help="timm:NAME, zoo:NAME or package.module:factory")
     c.add_argument("--checkpoint", help="state dict (.pth) for the model")
-    c.add_argument("--data", help="unlabeled images: a folder, a .pt/.npy tensor, or 'digits'")
-    c.add_argument("--eval-data", help="labelled images for top-1 (default: held-out split)")
+    c.add_argument(
+        "--data",
+        help="unlabeled images: 'fashion-mnist' (or fashion-mnist:DIR), 'digits', an image "
+        "folder or a .pt/.npy tensor",
+    )
+    c.add_argument(
+        "--eval-data",
+        help="images to evaluate on, never used for a choice (default: the data set's test "
+        "split, else a part carved out of --data)",
+    )
     c.add_argument("--input-size", help="C,H,W (default: the model's, e.g. timm's pretrained cfg)")
     c.add_argument("--target", help="built-in target name or a .toml file (default cpu-ort)")
     c.add_argument("--budget", help="latency budget: fraction of the teacher ('0.5') or '2.5ms'")
@@ -407,7 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--finetune-epochs", type=int, help="end-to-end distillation epochs")
     c.add_argument("--workers", type=int, help="processes for candidate training")
     c.add_argument("--max-samples", type=int, help="cap on unlabeled training images")
-    c.add_argument("--seed", type=int)
+    c.add_argument("--seed", type=int, help="fixes the splits, initialisations and batch order")
+    c.add_argument(
+        "--latency-cache",
+        help="a latency cache (SQLite) shared with other runs: each module is timed once and "
+        "runs with the same seed, data and cache choose the same student",
+    )
     c.add_argument("--config", help="a TOML config (as written to a run's config.toml)")
     c.add_argument("--out", required=True, help="run directory")
     c.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -443,11 +503,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser(
         "check",
-        help="check an ONNX model against a target's operators and attribute rules; "
-        "a quantized (QDQ) model also gets a table of its quantized tensors and bit widths",
+        help="check an ONNX model against a target's operators and attribute rules, and every "
+        "bit width it declares against its graph; a quantized (QDQ) model also gets a table "
+        "of its quantized tensors (exit 1 on any violation or unverified node)",
     )
     k.add_argument("model", help="an .onnx file")
     k.add_argument("--target", required=True, help="built-in target name or a .toml file")
+    k.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="exit 0 when the only findings are nodes whose values the graph does not show",
+    )
 
     sub.add_parser("targets", help="list built-in targets")
     return p

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,9 @@ class LatencyConfig:
     repeats: int = 50
     batch_size: int | None = None  # None: the target's batch size
     rounds: int = 7  # interleaved rounds when teacher and student are timed in the same run
+    # a latency cache (SQLite) shared with other runs; None: the run's own latency.sqlite.
+    # Runs that share one measure each module once and get identical tables.
+    cache: str | None = None
 
 
 @dataclass
@@ -35,7 +41,7 @@ class ConvertConfig:
     eval_data: str | None = (
         None  # labelled data for top-1 (default: the held-out split, if labelled)
     )
-    input_size: tuple[int, ...] = (3, 32, 32)
+    input_size: tuple[int, ...] | None = None  # C,H,W; None: the model's, else the data's
     target: str = "cpu-ort"
     budget: str = "0.5"  # latency: a fraction of the teacher's ('0.5') or absolute ('2.5ms')
     params_budget: str | None = None  # a fraction of the teacher's ('0.8') or absolute ('1.2M')
@@ -56,9 +62,15 @@ class ConvertConfig:
     bit_choices: str = "w8a8,w4a4,w2a4"  # the widths 'auto' chooses among
     # model size: a fraction of the teacher's FP32 size ('0.15') or absolute ('1.5MB', '200kB')
     size_budget: str | None = None
-    heldout_fraction: float = 0.2  # unlabeled data kept out of training for scores and checks
+    # three disjoint splits of the data: train (distillation), selection (scores, the search,
+    # every choice) and evaluation (reported figures only); evaluation is carved out only when
+    # neither eval_data nor the data set's own test split is there
+    selection_fraction: float = 0.15
+    eval_fraction: float = 0.15
+    max_selection: int | None = 2000  # cap on selection images (scores cost a forward each)
     max_samples: int | None = None  # cap on the unlabeled training images (None: all)
     seed: int = 0
+    ablation_seeds: int = 3  # archnet mode: seeds of every ablation variant (mean and std)
     blockwise: BlockwiseConfig = field(default_factory=BlockwiseConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     arch: ArchDistillConfig = field(default_factory=ArchDistillConfig)
@@ -69,6 +81,7 @@ class ConvertConfig:
         from archnet.candidates import list_candidates
         from archnet.targets import load_target
 
+        check_types(self)
         load_target(self.target)
         parse_budget(self.budget, "latency")
         for what, text in (("params", self.params_budget), ("macs", self.macs_budget)):
@@ -80,8 +93,12 @@ class ConvertConfig:
         self._validate_bits()
         if self.mode not in ("auto", "hant", "archnet"):
             raise ArchnetError(f"mode {self.mode!r} is not one of auto, hant, archnet")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ArchnetError(f"heldout_fraction {self.heldout_fraction} must be in (0, 1)")
+        for name in ("selection_fraction", "eval_fraction"):
+            value = getattr(self, name)
+            if not 0.0 < value < 0.5:
+                raise ArchnetError(f"{name} {value} must be in (0, 0.5)")
+        if self.ablation_seeds < 1:
+            raise ArchnetError(f"ablation_seeds {self.ablation_seeds} must be at least 1")
 
     def _validate_bits(self) -> None:
         from archnet.quant import parse_bits
@@ -146,6 +163,7 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
 
 def _build(cls: type, data: dict[str, Any], source: str, prefix: str = ""):
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
@@ -157,10 +175,62 @@ def _build(cls: type, data: dict[str, Any], source: str, prefix: str = ""):
             if not isinstance(value, dict):
                 raise ArchnetError(f"{source}: {prefix}{key} must be a table")
             value = _build(type(default), value, source, f"{prefix}{key}.")
-        elif isinstance(default, tuple):
-            value = tuple(value)
+        else:
+            value = _typed(value, hints[key], f"{source}: {prefix}{key}")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def check_types(obj: Any, prefix: str = "") -> None:
+    """Every field of a (nested) config dataclass holds a value of its declared type.
+
+    Options set from Python (``convert(epochs="two")``) skip the TOML reader, so the same check
+    runs again before any work starts; ints are accepted where floats are declared.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_types(value, f"{prefix}{f.name}.")
+        else:
+            setattr(obj, f.name, _typed(value, hints[f.name], f"option {prefix}{f.name}"))
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as ``hint`` (int, float, str, bool, X | None, tuple[int, ...]), else an error."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options:
+            with contextlib.suppress(ArchnetError):
+                return _typed(value, option, where)
+        _type_error(value, " or ".join(_describe(o) for o in options), where)
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)):
+            _type_error(value, _describe(hint), where)
+        return tuple(_typed(v, args[0], where) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in _TYPE_WORDS and not (
+        isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
+    ):
+        _type_error(value, _describe(hint), where)
+    return value
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0]).split(' ', 1)[1]}s"
+    return _TYPE_WORDS.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _type_error(value: Any, expected: str, where: str) -> None:
+    raise ArchnetError(f"{where} must be {expected}, not {value!r}")
 
 
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}

@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
+from archnet.api import start
 from archnet.config import ConvertConfig
-from archnet.pipeline import console, create_run, finish
+from archnet.stages.common import console
 
 # one or two of every kind of change: skip, depthwise-separable, MBConv with and without SE,
 # fused MBConv, a plain residual 3x3 block; ReLU where the teacher used SiLU
@@ -86,8 +87,6 @@ def run_demo(
     run_dir = out / "-".join(
         ["run", *([target] if target != "cpu-ort" else []), *([bits] if bits else [])]
     )
-    run = create_run(
-        teacher, unlabeled, demo_config(fast, target, bits), run_dir, eval_data=heldout, resume=True
-    )
-    result = finish(run)
+    cfg = demo_config(fast, target, bits)
+    result = start(teacher, unlabeled, cfg, run_dir, eval_data=heldout, resume=True)
     return result.report, result.run_dir

@@ -1,26 +1,31 @@
 """Export teacher and student to ONNX, verify them, and time both in the same run.
 
-A quantized student is exported as QDQ ONNX, checked against its fake-quantized PyTorch self
-within one output step, and timed next to its float twin (the same network without
-quantizers) so the gain from integer kernels is measured, not assumed.
+A pure function of the networks and settings it is given (no run directory): it writes the
+ONNX files into ``out_dir`` and returns what it measured. A quantized student is exported as
+QDQ ONNX, checked against its fake-quantized PyTorch self within one output step, and timed
+next to its float twin (the same network without quantizers) so the gain from integer kernels
+is measured, not assumed.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
+from archnet.blocks import BlockSpec
 from archnet.costs import outside_network
 from archnet.errors import ArchnetError
 from archnet.onnx_utils import (
     ExportMismatchError,
     check_against_torch,
     export_onnx,
+    exporter_of,
     ort_outputs,
 )
 from archnet.quant import (
@@ -28,91 +33,116 @@ from archnet.quant import (
     export_qdq,
     is_quantized,
     model_size_bits,
+    onnx_bytes,
     qdq_report,
     strip_quantizers,
 )
-from archnet.targets.opset import check_model
+from archnet.results import ExportResult
+from archnet.score import logits_of, top1
+from archnet.targets import Target, check_report
 
-if TYPE_CHECKING:
-    from archnet.pipeline import Run
 
+def export_and_measure(
+    teacher: nn.Module,
+    student: nn.Module,
+    specs: list[BlockSpec],
+    target: Target,
+    latency: Any,
+    input_shape: tuple[int, ...],
+    out_dir: Path,
+    eval_images: torch.Tensor,
+    eval_labels: torch.Tensor | None = None,
+) -> ExportResult:
+    """Write teacher.onnx and student.onnx (plus student_fp32.onnx when quantized), check them
+    against PyTorch and the target, and time them and their parts interleaved.
 
-def export_and_measure(run: Run, teacher: nn.Module, student: nn.Module) -> dict[str, Any]:
-    """Write teacher.onnx and student.onnx, check them, and measure both interleaved."""
-    shape = (run.batch_size, *run.config.input_size)
-    x = run.images("heldout")[: shape[0]]
-    if len(x) < shape[0]:
-        x = x.repeat(-(-shape[0] // len(x)), *([1] * (x.dim() - 1)))[: shape[0]]
-    out: dict[str, Any] = {"input_shape": list(shape)}
-    protos = {}
+    ``latency`` is a :class:`archnet.config.LatencyConfig`; ``eval_images`` check the export
+    and, for a quantized student, measure it as the runtime deploys it.
+    """
+    x = _batch(eval_images, input_shape[0])
     quantized = is_quantized(student)
     networks = {"teacher": teacher, "student": student}
     if quantized:
         networks["student_fp32"] = strip_quantizers(copy.deepcopy(student))
         step = output_step(student)
+    protos, diffs = {}, {}
     for name, model in networks.items():
-        path = run.path(f"{name}.onnx")
+        path = out_dir / f"{name}.onnx"
         q = name == "student" and quantized
-        proto = export_qdq(model, shape, path) if q else export_onnx(model, shape, path)
+        proto = export_qdq(model, input_shape, path) if q else export_onnx(model, input_shape, path)
         protos[name] = proto
         # A QDQ graph, run as written, must agree within one step at the output; a float
         # one to rounding. (The runtime's fused integer kernels round on their own; that
         # drift is measured below, as the deployed model's accuracy.)
         tol = {"rtol": 0.0, "atol": step, "optimize": False} if q else {"rtol": 1e-3, "atol": 1e-3}
         try:
-            out[f"{name}_max_abs_diff"] = check_against_torch(model, proto, x, **tol)
+            diffs[name] = check_against_torch(model, proto, x, **tol)
         except ExportMismatchError as e:
             raise ArchnetError(f"{name}.onnx disagrees with PyTorch: {e}") from None
-        out[f"{name}_ops"] = sorted({n.op_type for n in proto.graph.node})
+    report = check_report(protos["student"], target)
+    if not report.passed():
+        listed = "; ".join(str(v) for v in (*report.violations, *report.unverified)[:5])
+        raise ArchnetError(
+            f"student.onnx fails the check against target {target.name} "
+            f"({len(report.violations)} violations, {len(report.unverified)} unverified): {listed}"
+        )
+    backend = target.latency_backend()
+    items = timing_items({"teacher": teacher, "student": student}, specs, input_shape)
     if quantized:
-        out["quantization"] = {
-            **_deployed_agreement(run, student, protos["student"]),
+        items["student_fp32"] = (networks["student_fp32"], input_shape)
+    times = backend.measure_interleaved(
+        items, rounds=latency.rounds, warmup=latency.warmup, repeats=latency.repeats
+    )
+    quantization = None
+    if quantized:
+        quantization = {
+            **deployed_agreement(student, protos["student"], eval_images, eval_labels),
             "output_step": step,
             "tensors": qdq_report(protos["student"]),
             "size_bits": model_size_bits(student),
             "fp32_size_bits": model_size_bits(networks["student_fp32"]),
-            "teacher_size_bits": model_size_bits(teacher),
         }
-    violations = check_model(protos["student"], run.target)
-    if violations:
-        listed = "; ".join(str(v) for v in violations[:5])
-        raise ArchnetError(
-            f"student.onnx violates target {run.target.name} ({len(violations)} nodes): {listed}"
-        )
-    out["student_violations"] = 0
-    backend = run.target.latency_backend()
-    cfg = run.config.latency
-    items = _timing_items(run, {"teacher": teacher, "student": student}, shape)
-    if quantized:
-        items["student_fp32"] = (networks["student_fp32"], shape)
-    times = backend.measure_interleaved(
-        items,
-        rounds=cfg.rounds,
-        warmup=cfg.warmup,
-        repeats=cfg.repeats,
+    return ExportResult(
+        input_shape=list(input_shape),
+        max_abs_diff=diffs,
+        ops={n: sorted({node.op_type for node in p.graph.node}) for n, p in protos.items()},
+        check={"violations": len(report.violations), "unverified": len(report.unverified)},
+        exporters={
+            **{f"{n}.onnx": exporter_of(p) or "unknown" for n, p in protos.items()},
+            "timed": times.exporter,
+        },
+        backend=backend.name,
+        device=backend.device,
+        threads=backend.threads,
+        ms={n: times[n] for n in networks},
+        sum_of_parts_ms={n: sum_of_parts(times, n, specs) for n in ("teacher", "student")},
+        sizes={n: _sizes(out_dir / f"{n}.onnx") for n in networks},
+        quantization=quantization,
     )
-    out.update(
-        {
-            "backend": backend.name,
-            "device": backend.device,
-            "threads": backend.threads,
-            "teacher_ms": times["teacher"],
-            "student_ms": times["student"],
-            "speedup": times["teacher"] / times["student"],
-        }
-    )
-    if quantized:
-        out["student_fp32_ms"] = times["student_fp32"]
-        out["quantized_speedup"] = times["student_fp32"] / times["student"]
-    for name in ("teacher", "student"):
-        out[f"{name}_sum_of_parts_ms"] = times[f"{name}/outside"] + sum(
-            max(times[f"{name}/{s.name}"] - times[f"floor/{s.in_shape}"], 0.0) for s in run.specs
-        )
-    return out
 
 
-def _timing_items(
-    run: Run, networks: dict[str, nn.Module], shape: tuple[int, ...]
+def _batch(images: torch.Tensor, batch: int) -> torch.Tensor:
+    """``batch`` images, repeated when there are fewer."""
+    x = images[:batch]
+    if len(x) < batch:
+        x = x.repeat(-(-batch // len(x)), *([1] * (x.dim() - 1)))[:batch]
+    return x
+
+
+def _sizes(path: Path) -> dict[str, int]:
+    size = onnx_bytes(path)
+    return {"file_bytes": size.file_bytes, "initializer_bytes": size.initializer_bytes}
+
+
+def sum_of_parts(times: dict[str, float], name: str, specs: list[BlockSpec]) -> float:
+    """A network's outside parts plus each block above its call floor, from one timing run."""
+    return times[f"{name}/outside"] + sum(
+        max(times[f"{name}/{s.name}"] - times[f"floor/{s.in_shape}"], 0.0) for s in specs
+    )
+
+
+def timing_items(
+    networks: dict[str, nn.Module], specs: list[BlockSpec], shape: tuple[int, ...]
 ) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     """Whole networks, and each one's parts as the latency model adds them, to time together.
 
@@ -123,30 +153,31 @@ def _timing_items(
     items: dict[str, tuple[nn.Module, tuple[int, ...]]] = {}
     for name, net in networks.items():
         items[name] = (net, shape)
-        items[f"{name}/outside"] = (outside_network(net, run.specs), shape)
-        for s in run.specs:
+        items[f"{name}/outside"] = (outside_network(net, specs), shape)
+        for s in specs:
             items[f"{name}/{s.name}"] = (net.get_submodule(s.name), (batch, *s.in_shape))
-    for s in run.specs:
+    for s in specs:
         items[f"floor/{s.in_shape}"] = (nn.Identity(), (batch, *s.in_shape))
     return items
 
 
-def _deployed_agreement(run: Run, student: nn.Module, proto: onnx.ModelProto) -> dict[str, Any]:
+def deployed_agreement(
+    student: nn.Module,
+    proto: onnx.ModelProto,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+) -> dict[str, Any]:
     """The QDQ student as onnxruntime deploys it (all graph optimisations, integer kernels)
-    against its PyTorch self: output drift and argmax agreement on held-out data, and top-1
-    where labels exist."""
-    heldout = run.images("heldout")
-    with torch.no_grad():
-        expected = student.eval()(heldout).numpy()
-    got = ort_outputs(proto, heldout)
-    out = {
+    against its PyTorch self: output drift and argmax agreement, and top-1 where labelled."""
+    expected = logits_of(student, images).numpy()
+    got = ort_outputs(proto, images)
+    out: dict[str, Any] = {
         "runtime_max_abs_diff": float(np.abs(got - expected).max()),
         "runtime_argmax_agreement": float((got.argmax(1) == expected.argmax(1)).mean()),
+        "runtime_top1": None,
     }
-    labels = run.data.get("eval_labels")
     if labels is not None:
-        pred = ort_outputs(proto, run.images("eval")).argmax(1)
-        out["runtime_top1"] = float((pred == labels.numpy()).mean() * 100)
+        out["runtime_top1"] = top1(torch.from_numpy(got), labels)
     return out
 
 

@@ -57,6 +57,23 @@ def replace_one_block(
     return out
 
 
+@torch.no_grad()
+def agreement(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
+    """How closely a student's outputs follow its teacher's, with or without labels.
+
+    ``argmax_agreement``: share of samples whose top class is the teacher's; ``relative_mse``:
+    ||s - t||^2 / ||t||^2 per sample, averaged; ``cosine``: cosine similarity of the output
+    vectors, averaged; ``kl``: KL(teacher || student) of the output distributions.
+    """
+    s, t = student.flatten(1).float(), teacher.flatten(1).float()
+    return {
+        "argmax_agreement": float((s.argmax(1) == t.argmax(1)).float().mean()),
+        "relative_mse": float(((s - t).pow(2).sum(1) / t.pow(2).sum(1).clamp_min(1e-12)).mean()),
+        "cosine": float(torch.nn.functional.cosine_similarity(s, t, dim=1).mean()),
+        "kl": max(float(kd_kl(s, t)), 0.0),
+    }
+
+
 def spearman(a: list[float], b: list[float]) -> float | None:
     """Rank correlation; None when either side is constant or too short to rank."""
     if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:

@@ -107,7 +107,7 @@ def teacher_and_cache(tmp_path_factory) -> tuple[nn.Module, list[BlockSpec], Pat
     gen = torch.Generator().manual_seed(0)
     cache = FeatureCache(root)
     cache.write(teacher, specs, torch.randn(32, 3, 16, 16, generator=gen), "train")
-    cache.write(teacher, specs, torch.randn(16, 3, 16, 16, generator=gen), "heldout")
+    cache.write(teacher, specs, torch.randn(16, 3, 16, 16, generator=gen), "selection")
     return teacher, specs, root
 
 
@@ -212,7 +212,7 @@ def test_load_candidate_restores_trained_module(tmp_path: Path, teacher_and_cach
     module, metrics = load_candidate(job, blocks[job.spec.name])
     assert metrics == results[job.name]
     assert not module.training
-    xv, yv = FeatureCache(root).block("heldout", job.block_index)
+    xv, yv = FeatureCache(root).block("selection", job.block_index)
     assert evaluate_nmse(module, xv, yv) == pytest.approx(metrics["val_nmse"], rel=1e-5)
 
     x = torch.from_numpy(np.asarray(xv, dtype=np.float32))

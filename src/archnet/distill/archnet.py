@@ -18,14 +18,14 @@ Both are discarded at the end; the student keeps exactly its own parameters.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archnet.distill.bn import recalibrate_bn
+from archnet.distill.bn import freeze_outside, recalibrate_bn
 from archnet.distill.finetune import _FeatureTap, random_shift
 from archnet.distill.losses import kd_kl, nmse
 
@@ -243,8 +243,12 @@ def arch_distill(
     cfg: ArchDistillConfig,
     seed: int = 0,
     on_step: Callable[[float], None] | None = None,
+    changed: Sequence[str] | None = None,
 ) -> dict[str, list[float]]:
     """Train ``student`` in place to match ``teacher`` on unlabeled ``images``.
+
+    ``changed`` names the modules the student changed (None: all): only their BatchNorm
+    statistics move; the rest keep the teacher's (see :mod:`archnet.distill.bn`).
 
     Returns the mean loss per progressive stage (``"progressive"``; one entry when
     ``progressive`` is off), per global epoch (``"global"``) and the logit KL part of the
@@ -290,6 +294,7 @@ def arch_distill(
 
     t_tap = _FeatureTap(teacher, names)
     s_tap: _StudentTap | None = None
+    frozen = freeze_outside(student, changed)
     try:
         # Progressive stages (or the equal-weight ablation over the same number of steps).
         stage_steps = _stage_steps(n, cfg)
@@ -359,11 +364,14 @@ def arch_distill(
                 sizes = [b for _, b in losses[chunk]]
                 history["global_kl"].append(_mean(list(zip(kls[chunk], sizes))))
     finally:
+        for handle in frozen:
+            handle.remove()
         if s_tap is not None:
             s_tap.close()
         t_tap.close()
         t_tap.out.clear()
 
-    recalibrate_bn(student, (images[i : i + 256].float().to(device) for i in range(0, n, 256)))
+    batches = (images[i : i + 256].float().to(device) for i in range(0, n, 256))
+    recalibrate_bn(student, batches, changed)
     student.eval()
     return history

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -29,6 +30,7 @@ from archnet.candidates import build_candidate
 from archnet.choices import Bits, build_choice, parse_choice, quantize_from
 from archnet.distill.bn import recalibrate_bn
 from archnet.distill.losses import nmse
+from archnet.errors import ArchnetError
 
 
 @dataclass
@@ -52,12 +54,24 @@ class BlockwiseConfig:
         return dataclasses.replace(self, epochs=self.quant_epochs, lr=self.quant_lr)
 
 
+# the settings a float job's result depends on (workers only decide where it runs)
+_FLOAT_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "max_samples")
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 @dataclass
 class CandidateJob:
+    """One candidate (or choice) of one block to train; ``fingerprint`` names the teacher and
+    data its features come from, so a job of another teacher never counts as done."""
+
     block_index: int
     spec: BlockSpec
     name: str
     path: Path
+    fingerprint: str = ""
 
     @property
     def candidate(self) -> str:
@@ -76,6 +90,34 @@ class CandidateJob:
         """A seed per (run seed, block, candidate): reordering jobs never changes a result."""
         digest = hashlib.sha1(f"{base}:{self.spec.name}:{self.name}".encode()).hexdigest()
         return int(digest[:8], 16)
+
+    def key(self, cfg: BlockwiseConfig, base_seed: int) -> str:
+        """A hash of everything the job's result depends on: a checkpoint counts as done only
+        when it holds this key, so a changed setting, seed or teacher retrains the job.
+
+        A quantized choice depends on its float candidate's key and the quantized schedule.
+        """
+        float_seed = dataclasses.replace(self, name=self.candidate).seed(base_seed)
+        settings = {f: getattr(cfg, f) for f in _FLOAT_FIELDS}
+        key = _digest(self.fingerprint, asdict(self.spec), self.candidate, settings, float_seed)
+        if self.bits is None:
+            return key
+        quant = (cfg.quant_epochs, cfg.quant_lr, cfg.batch_size, cfg.max_samples)
+        return _digest(key, self.name, quant, self.seed(base_seed))
+
+    def done(self, cfg: BlockwiseConfig, base_seed: int) -> bool:
+        """Whether a readable checkpoint with this job's key exists."""
+        ckpt = read_checkpoint(self.path)
+        return ckpt is not None and ckpt.get("key") == self.key(cfg, base_seed)
+
+
+def read_checkpoint(path: Path) -> dict | None:
+    """A job checkpoint, or None when it is missing or unreadable (truncated, foreign)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # missing, truncated or foreign files raise many types
+        return None
+    return ckpt if isinstance(ckpt, dict) and "state_dict" in ckpt else None
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator | None) -> Iterator[np.ndarray]:
@@ -161,7 +203,7 @@ def run_job(
         module, init = build_candidate(job.name, job.spec, teacher_block), "teacher"
     job_cfg = cfg.for_job(job.bits is not None)
     history = train_block(module, x, y, job_cfg, job.seed(base_seed), on_step) if trained else []
-    xv, yv = cache.block("heldout", job.block_index)
+    xv, yv = cache.block("selection", job.block_index)
     metrics = {
         "block": job.spec.name,
         "candidate": job.name,
@@ -172,7 +214,8 @@ def run_job(
     }
     job.path.parent.mkdir(parents=True, exist_ok=True)
     tmp = job.path.with_suffix(".tmp")
-    torch.save({"state_dict": module.state_dict(), "metrics": metrics}, tmp)
+    ckpt = {"state_dict": module.state_dict(), "metrics": metrics, "key": job.key(cfg, base_seed)}
+    torch.save(ckpt, tmp)
     tmp.replace(job.path)  # atomic: a killed job leaves no half-written checkpoint
     return metrics
 
@@ -223,11 +266,10 @@ def run_jobs(
     on_job_done: Callable[[CandidateJob, dict], None],
     on_step: Callable[[], None] | None = None,
 ) -> None:
-    """Run the jobs whose checkpoint does not exist yet, in-process or over ``cfg.workers``.
-
-    Float jobs run before quantized ones, which start from their results.
+    """Run the jobs not done yet (see :meth:`CandidateJob.done`), in-process or over
+    ``cfg.workers`` processes. Float jobs run before quantized ones, which start from them.
     """
-    todo = [j for j in jobs if not j.path.exists()]
+    todo = [j for j in jobs if not j.done(cfg, base_seed)]
     phases = [[j for j in todo if j.bits is None], [j for j in todo if j.bits is not None]]
     if cfg.workers <= 1:
         for job in phases[0] + phases[1]:
@@ -251,7 +293,12 @@ def run_jobs(
 
 def load_candidate(job: CandidateJob, teacher_block: nn.Module) -> tuple[nn.Module, dict]:
     """Rebuild a trained candidate from its checkpoint."""
-    ckpt = torch.load(job.path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(job.path)
+    if ckpt is None:
+        raise ArchnetError(
+            f"candidate checkpoint {job.path} is missing or unreadable; resume the run to "
+            "train it again"
+        )
     module = build_choice(job.name, job.spec, teacher_block)
     module.load_state_dict(ckpt["state_dict"])
     return module.eval(), ckpt["metrics"]

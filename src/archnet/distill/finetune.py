@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archnet.distill.bn import recalibrate_bn
+from archnet.distill.bn import freeze_outside, recalibrate_bn
 from archnet.distill.losses import kd_kl, nmse
 
 
@@ -64,8 +64,13 @@ def finetune(
     feature_names: list[str] | None = None,
     seed: int = 0,
     on_step: Callable[[float], None] | None = None,
+    changed: Sequence[str] | None = None,
 ) -> list[float]:
-    """Train ``student`` in place to match ``teacher``; returns the per-epoch loss."""
+    """Train ``student`` in place to match ``teacher``; returns the per-epoch loss.
+
+    ``changed`` names the modules the student changed (None: all): only their BatchNorm
+    statistics move; the rest keep the teacher's (see :mod:`archnet.distill.bn`).
+    """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     teacher = teacher.eval()
@@ -76,6 +81,7 @@ def finetune(
     steps = max(cfg.epochs * math.ceil(n / cfg.batch_size), 1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps, pct_start=0.1)
     history = []
+    frozen = freeze_outside(student, changed)
     try:
         for _ in range(cfg.epochs):
             student.train()
@@ -98,9 +104,11 @@ def finetune(
                     on_step(loss.item())
             history.append(total / n)
     finally:
+        for handle in frozen:
+            handle.remove()
         s_tap.close()
         t_tap.close()
-    recalibrate_bn(student, (images[i : i + 256].float() for i in range(0, n, 256)))
+    recalibrate_bn(student, (images[i : i + 256].float() for i in range(0, n, 256)), changed)
     student.eval()
     return history
 

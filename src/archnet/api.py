@@ -1,0 +1,123 @@
+"""The public entry points: convert a teacher, resume a run, finish one."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from archnet.config import ConvertConfig
+from archnet.data import ImageData
+from archnet.errors import ArchnetError
+from archnet.stages import prepare, reconcile, run_stages
+from archnet.stages.assemble import load_student
+from archnet.store import RunStore, open_store, prepare_directory
+
+
+@dataclass
+class ConversionResult:
+    """What :func:`convert` hands back: the student, the report, and where everything lies."""
+
+    student: nn.Module
+    report: dict[str, Any]
+    run_dir: Path
+
+
+def is_run(root: str | Path) -> bool:
+    return (Path(root) / "prepare.json").exists()
+
+
+def convert(
+    teacher: nn.Module,
+    data: ImageData | Any | str,
+    target: str = "cpu-ort",
+    budget: float | str = 0.5,
+    out: str | Path = "runs/convert",
+    eval_data: ImageData | str | None = None,
+    resume: bool = False,
+    config: ConvertConfig | None = None,
+    **overrides: Any,
+) -> ConversionResult:
+    """Convert ``teacher`` into a student that meets ``budget`` on ``target``, label-free.
+
+    ``data`` is unlabeled images: an ImageData, an (N, C, H, W) tensor, a data set name
+    ('fashion-mnist', 'digits') or a path; ``budget`` is a fraction of the teacher's measured
+    latency or a string such as '2.5ms'. The input size is the model's own (timm's
+    ``pretrained_cfg``) unless ``config.input_size`` says otherwise. Other
+    :class:`ConvertConfig` fields can be given as keyword arguments.
+    """
+    cfg = config or ConvertConfig(model="python")
+    cfg.target, cfg.budget = target, str(budget)
+    for key, value in overrides.items():
+        if not hasattr(cfg, key):
+            raise ArchnetError(f"convert() got unknown option {key!r}")
+        setattr(cfg, key, value)
+    if isinstance(data, str):
+        cfg.data = data
+    if isinstance(eval_data, str):
+        cfg.eval_data = eval_data
+    return start(teacher, data, cfg, out, eval_data, resume)
+
+
+def start(
+    teacher: nn.Module,
+    data: Any,
+    config: ConvertConfig,
+    out: str | Path,
+    eval_data: Any = None,
+    resume: bool = False,
+) -> ConversionResult:
+    """Create the run in ``out`` (or, with ``resume``, continue the one there) and finish it."""
+    root = Path(out)
+    if is_run(root) and not resume:
+        raise ArchnetError(
+            f"run directory {root} already holds a run; pass --resume to continue it "
+            "or --out NEW_DIR to start another"
+        )
+    if is_run(root):
+        store = open_store(root)
+        with store.locked():
+            _same_inputs(store, teacher, data, eval_data, config)
+            reconcile(store, config)
+            return finish(store)
+    config.validate()
+    prepare_directory(root)
+    store = RunStore(root, config)
+    with store.locked():
+        prepare.create(store, teacher, data, eval_data)
+        return finish(store)
+
+
+def resume(out: str | Path, config: ConvertConfig | None = None) -> ConversionResult:
+    """Continue the run in ``out``; ``config``, when given, replaces the stored settings
+    (see :func:`archnet.stages.reconcile` for what may change)."""
+    store = open_store(out)
+    with store.locked():
+        if config is not None:
+            reconcile(store, config)
+        return finish(store)
+
+
+def finish(store: RunStore) -> ConversionResult:
+    """Run every stage not done yet; the caller holds the run's lock."""
+    with store.locked():
+        run_stages(store)
+        report = json.loads(store.path("report.json").read_text())
+        return ConversionResult(load_student(store), report, store.root)
+
+
+def _same_inputs(
+    store: RunStore, teacher: Any, data: Any, eval_data: Any, cfg: ConvertConfig
+) -> None:
+    """Refuse to resume with another teacher or other data than the run was created with."""
+    if teacher is None or data is None:
+        return
+    probe = ConvertConfig.from_dict(store.config.to_dict())
+    if prepare.fingerprint_of(teacher, data, eval_data, probe) != store.prepared.fingerprint:
+        raise ArchnetError(
+            f"--resume with another teacher or other data than the run in {store.root} was "
+            "created with; start a new run with --out NEW_DIR"
+        )

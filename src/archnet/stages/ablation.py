@@ -1,0 +1,68 @@
+"""The ablation stage (Arch-Net mode, on request): the same student trained with each
+training-only aid switched off, over several seeds, scored on the evaluation split.
+
+Each (variant, seed) is written when done, so a killed ablation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+from archnet.results import AblationResult, SearchOutcome
+from archnet.score import agreement, logits_of, top1
+from archnet.stages import common
+from archnet.stages.assemble import build_student, train_student
+from archnet.store import RunStore, read_json, write_json
+
+VARIANTS = {
+    "full method": {},
+    "without Teacher Attention": {"teacher_attention": False},
+    "without Residual Feature Adaptation": {"residual_adaptation": False},
+    "without the progressive schedule": {"progressive": False},
+}
+
+
+def run(store: RunStore) -> AblationResult:
+    seeds = [store.config.seed + i for i in range(store.config.ablation_seeds)]
+    if not store.config.ablation or common.mode(store) != "archnet":
+        return AblationResult(seeds=[], rows={}, skipped=True)
+    images, labels = store.images("eval"), store.labels("eval")
+    t_out = logits_of(store.teacher, images)
+    rows: dict[str, dict[str, list[float]]] = {}
+    folder = store.path("ablation")
+    folder.mkdir(exist_ok=True)
+    for label, switch in VARIANTS.items():
+        cfg = dataclasses.replace(store.config.arch, **switch)
+        for seed in seeds:
+            key = _key(store, cfg, seed)
+            part = folder / f"{key}.json"
+            try:
+                metrics = read_json(part)["metrics"]
+            except (ValueError, KeyError, TypeError):
+                student, _, changed = build_student(store)
+                train_student(store, student, cfg, f"{label} (seed {seed})", changed, seed=seed)
+                s_out = logits_of(student, images)
+                metrics = {"kl": agreement(s_out, t_out)["kl"]}
+                if labels is not None:
+                    metrics["top1"] = top1(s_out, labels)
+                write_json(part, {"variant": label, "seed": seed, "metrics": metrics})
+            for metric, value in metrics.items():
+                rows.setdefault(label, {}).setdefault(metric, []).append(value)
+    return AblationResult(seeds=seeds, rows=rows)
+
+
+def _key(store: RunStore, cfg: object, seed: int) -> str:
+    """Names one ablation training: the student it starts from, its schedule and its seed."""
+    c = store.config
+    start = [store.prepared.fingerprint, store.load("search.json", SearchOutcome).names]
+    parts = [
+        *start,
+        dataclasses.asdict(c.blockwise),
+        c.bits,
+        c.first_last,
+        dataclasses.asdict(cfg),
+        seed,
+    ]
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

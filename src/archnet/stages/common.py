@@ -1,0 +1,126 @@
+"""What several stages derive from a run: its mode, bit options, jobs, the student's shell."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from archnet.blocks import BlockSpec
+from archnet.choices import Bits
+from archnet.distill.blockwise import CandidateJob
+from archnet.opconvert import split_wide_layers
+from archnet.quant import QuantConfig, parse_bits, prepare_qat
+from archnet.results import PoolResult
+from archnet.store import RunStore
+from archnet.targets import Target, load_target
+
+console = Console(stderr=True)
+
+
+@contextmanager
+def progress_bar() -> Iterator[Progress]:
+    bar = Progress(
+        TextColumn("  {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+    with bar:
+        yield bar
+
+
+def warn(text: str) -> None:
+    console.print(f"[bold yellow]warning:[/] {text}", highlight=False)
+
+
+def target(store: RunStore) -> Target:
+    return load_target(store.config.target)
+
+
+def mode(store: RunStore) -> str:
+    """'archnet' when the target restricts operators (or when asked), else 'hant'."""
+    if store.config.mode != "auto":
+        return store.config.mode
+    t = target(store)
+    return "archnet" if t.allowed_ops is not None or bool(t.rules) else "hant"
+
+
+def batch_size(store: RunStore) -> int:
+    return store.config.latency.batch_size or target(store).batch_size
+
+
+def input_shape(store: RunStore) -> tuple[int, ...]:
+    """The batched input shape latency and export use."""
+    return (batch_size(store), *store.prepared.input_size)
+
+
+def specs(store: RunStore) -> list[BlockSpec]:
+    return store.prepared.specs
+
+
+def teacher_block(store: RunStore, spec: BlockSpec) -> nn.Module:
+    return store.teacher.get_submodule(spec.name)
+
+
+def bit_options(store: RunStore) -> list[Bits | None]:
+    """The bit widths each candidate is offered at; ``[None]`` for a float student."""
+    bits = store.config.bits
+    if not bits:
+        return [None]
+    if bits == "auto":
+        return [parse_bits(b) for b in store.config.bit_choices.split(",")]
+    return [parse_bits(bits)]
+
+
+def quantize_outside(store: RunStore, model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+    """Fold and quantize the layers a quantized student has outside its blocks (in place).
+
+    The first and last layers get ``first_last`` (8 bits by default: few weights, most
+    sensitive); the rest of the stem and head the widest of the block choices' bits.
+    """
+    options = bit_options(store)
+    if options == [None]:
+        return model
+    first_last = None if store.config.first_last == "same" else parse_bits(store.config.first_last)
+    widest = max(options, key=lambda b: (b[0] + b[1], b))
+    return prepare_qat(model, QuantConfig(widest[0], widest[1], first_last), calibration)
+
+
+def shell(store: RunStore) -> tuple[nn.Module, list[list[str]]]:
+    """The network the chosen blocks go into: the teacher, with its stem and head converted
+    to the target's operators in Arch-Net mode; and the conversions made."""
+    net = copy.deepcopy(store.teacher)
+    if mode(store) != "archnet":
+        return net, []
+    from archnet.opconvert import convert_modules
+
+    names = [s.name for s in specs(store)]
+    rows = convert_modules(net, names)
+    cap = target(store).rules.max_channels
+    if cap:
+        rows += split_wide_layers(net, cap, names)
+    return net, [list(r) for r in rows]
+
+
+def jobs(store: RunStore, pools: PoolResult, choices_only: bool = False) -> list[CandidateJob]:
+    """Training jobs: every float candidate (quantized choices start from them) and every
+    choice of the search; ``choices_only`` keeps just the choices."""
+    out = []
+    for i, spec in enumerate(specs(store)):
+        pool = pools.pools[spec.name]
+        names = (
+            pool["choices"] if choices_only else dict.fromkeys(pool["candidates"] + pool["choices"])
+        )
+        out += [
+            CandidateJob(i, spec, name, store.path(f"candidates/{i:03d}_{spec.name}/{name}.pt"))
+            for name in names
+        ]
+    return out

@@ -1,0 +1,53 @@
+"""The evaluate stage: teacher and student on the evaluation split, which no choice read.
+
+Besides top-1 where labels exist, the student's outputs are compared with the teacher's for
+any model, labelled or not; a student that drifted from its teacher is flagged loudly rather
+than reported as if nothing were amiss.
+"""
+
+from __future__ import annotations
+
+from archnet.results import EvaluationResult
+from archnet.score import agreement, logits_of, top1
+from archnet.stages import common
+from archnet.stages.assemble import load_student
+from archnet.store import RunStore
+
+
+def run(store: RunStore) -> EvaluationResult:
+    images, labels = store.images("eval"), store.labels("eval")
+    t_out = logits_of(store.teacher, images)
+    s_out = logits_of(load_student(store), images)
+    teacher, student = {}, {}
+    if labels is not None:
+        teacher["top1"], student["top1"] = top1(t_out, labels), top1(s_out, labels)
+    agree = agreement(s_out, t_out)
+    warnings = poor_agreement(agree)
+    for w in warnings:
+        common.warn(w)
+    return EvaluationResult(
+        images=len(images),
+        labelled=labels is not None,
+        teacher=teacher,
+        student=student,
+        agreement=agree,
+        warnings=warnings,
+    )
+
+
+def poor_agreement(agree: dict[str, float]) -> list[str]:
+    """Warnings for a student whose outputs no longer follow its teacher's."""
+    out = []
+    if agree["argmax_agreement"] < EvaluationResult.POOR_ARGMAX:
+        out.append(
+            f"the student picks the teacher's class on only {100 * agree['argmax_agreement']:.1f}% "
+            f"of the evaluation images (below {100 * EvaluationResult.POOR_ARGMAX:.0f}%): it "
+            "no longer agrees with its teacher; train longer, or relax the budget"
+        )
+    if agree["relative_mse"] > EvaluationResult.POOR_RELATIVE_MSE:
+        out.append(
+            f"the student's outputs differ from the teacher's by {agree['relative_mse']:.2f} "
+            f"relative MSE (above {EvaluationResult.POOR_RELATIVE_MSE}); train longer, or relax "
+            "the budget"
+        )
+    return out

@@ -1,0 +1,30 @@
+"""The features stage: the teacher's block inputs and outputs, cached once for every job."""
+
+from __future__ import annotations
+
+from archnet.blocks import FeatureCache
+from archnet.results import FeaturesResult
+from archnet.stages import common
+from archnet.store import RunStore
+
+SPLITS = ("train", "selection")
+
+
+def cache(store: RunStore) -> FeatureCache:
+    return FeatureCache(store.path("features"))
+
+
+def run(store: RunStore) -> FeaturesResult:
+    features = cache(store)
+    sizes = {}
+    with common.progress_bar() as bar:
+        for split in SPLITS:
+            images = store.images(split)
+            features.write(store.teacher, common.specs(store), images, split, progress=bar)
+            sizes[split] = len(images)
+    return FeaturesResult(splits=sizes)
+
+
+def verify(store: RunStore) -> str | None:
+    """Why the cached features cannot be used (missing or truncated files), or None."""
+    return cache(store).problem(SPLITS, common.specs(store), store.prepared.splits)

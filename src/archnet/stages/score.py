@@ -1,0 +1,61 @@
+"""The score stage: replace-one-block KL of every choice on the selection split.
+
+Each choice's score is written as soon as it is known, under its job's key, so a killed stage
+resumes choice by choice and a retrained choice is scored again.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from archnet.distill.blockwise import load_candidate
+from archnet.results import ScoreResult
+from archnet.score import replace_one_block
+from archnet.stages import common
+from archnet.stages.distill import all_jobs
+from archnet.stages.features import cache
+from archnet.store import RunStore, read_json, write_json
+
+
+def run(store: RunStore) -> ScoreResult:
+    """Replace-one-block KL for every choice on the selection split; where the evaluation split
+    is labelled, the swapped teacher's top-1 there too (it only measures the proxies, no choice
+    reads it)."""
+    cfg, seed = store.config.blockwise, store.config.seed
+    images = store.images("selection")
+    t_logits = torch.from_numpy(np.array(cache(store).load("selection", "logits")))
+    labels = store.labels("eval")
+    ev = store.images("eval") if labels is not None else None
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    jobs = all_jobs(store, choices_only=True)
+    with common.progress_bar() as bar:
+        task = bar.add_task("replace-one-block scores", total=len(jobs))
+        for job in jobs:
+            key = job.key(cfg, seed)
+            part = job.path.with_suffix(".score.json")
+            score = _read_part(part, key)
+            if score is None:
+                module, metrics = load_candidate(job, common.teacher_block(store, job.spec))
+                score = replace_one_block(
+                    store.teacher, job.spec.name, module, images, t_logits, ev, labels
+                )
+                score["val_nmse"] = metrics["val_nmse"]
+                write_json(part, {"key": key, "score": score})
+            scores.setdefault(job.spec.name, {})[job.name] = score
+            bar.advance(task)
+    return ScoreResult(scores=scores)
+
+
+def _read_part(path, key: str) -> dict | None:
+    try:
+        part = read_json(path)
+    except ValueError:
+        return None
+    if (
+        not isinstance(part, dict)
+        or part.get("key") != key
+        or not isinstance(part.get("score"), dict)
+    ):
+        return None
+    return part["score"]

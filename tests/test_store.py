@@ -1,0 +1,54 @@
+"""The run store: atomic JSON, verified reads, the lock."""
+
+from __future__ import annotations
+
+import pytest
+
+from archnet.config import ConvertConfig
+from archnet.results import CorruptResult, FeaturesResult, PrepareResult
+from archnet.store import RunLocked, RunStore, read_json, write_json
+
+
+def test_json_round_trip_and_damage(tmp_path):
+    path = tmp_path / "x.json"
+    write_json(path, {"a": (1, 2)})
+    assert read_json(path) == {"a": [1, 2]}
+    assert not list(tmp_path.glob("*.tmp"))
+    path.write_text('{"a": ')
+    with pytest.raises(CorruptResult, match="not valid JSON"):
+        read_json(path)
+    with pytest.raises(CorruptResult, match="missing"):
+        read_json(tmp_path / "none.json")
+
+
+def test_a_result_missing_a_field_is_corrupt_not_defaulted():
+    with pytest.raises(CorruptResult, match="fingerprint"):
+        PrepareResult.from_json(
+            {
+                "blocks": [],
+                "splits": {},
+                "eval_source": "",
+                "labelled_eval": False,
+                "input_size": [],
+            }
+        )
+    assert FeaturesResult.from_json({"splits": {"train": 3}, "extra": 1}).splits == {"train": 3}
+
+
+def test_the_lock_is_exclusive_between_stores_and_reentrant_within_one(tmp_path):
+    a, b = RunStore(tmp_path, ConvertConfig()), RunStore(tmp_path, ConvertConfig())
+    with a.locked():
+        with a.locked():  # the same store may take it again
+            pass
+        with pytest.raises(RunLocked, match="pid"), b.locked():
+            pass
+    with b.locked():  # released
+        pass
+
+
+def test_an_unreadable_state_counts_as_nothing_done(tmp_path):
+    store = RunStore(tmp_path, ConvertConfig())
+    store.mark_done("latency", 1.0)
+    assert "latency" in store.done()
+    (tmp_path / "state.json").write_text("[1, 2")
+    assert store.done() == {} and not store.state_is_readable()
