@@ -32,6 +32,12 @@ def first(pattern: str):
     return lambda root: sorted(root.glob(pattern))[0]
 
 
+def garble_with_its_table(path):
+    """The cache and the table read from it: the stage must open the damaged cache."""
+    garble(path)
+    garble(path.with_name("latency.json"))
+
+
 # (file, damage, recomputed?) — inputs of the run cannot be recomputed: their loss is an error
 CASES = [
     ("state.json", garble, True),
@@ -46,6 +52,13 @@ CASES = [
     ("evaluation.json", garble, True),
     ("student.onnx", remove, True),
     ("report.json", garble, True),
+    ("distill.json", garble, True),
+    ("features.json", garble, True),
+    ("assemble.json", garble, True),
+    ("export.json", truncate, True),
+    ("ablation.json", garble, True),
+    ("teacher.onnx", remove, True),
+    ("latency.sqlite", garble_with_its_table, False),
     ("teacher.pt", truncate, False),
     ("data.pt", garble, False),
     ("prepare.json", garble, False),
