@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from archnet.config import ConvertConfig
+from archnet.errors import ArchnetError
 from archnet.results import CorruptResult, FeaturesResult, PrepareResult
 from archnet.store import RunLocked, RunStore, read_json, write_json
 
@@ -52,3 +53,22 @@ def test_an_unreadable_state_counts_as_nothing_done(tmp_path):
     assert "latency" in store.done()
     (tmp_path / "state.json").write_text("[1, 2")
     assert store.done() == {} and not store.state_is_readable()
+
+
+def test_a_teacher_pickled_from_code_that_is_gone(tmp_path, monkeypatch):
+    import sys
+
+    import torch
+
+    (tmp_path / "mymodels.py").write_text(
+        "import torch.nn as nn\nclass Mine(nn.Module):\n    def forward(self, x):\n        return x\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import mymodels
+
+    torch.save(mymodels.Mine(), tmp_path / "teacher.pt")
+    monkeypatch.delitem(sys.modules, "mymodels")
+    (tmp_path / "mymodels.py").unlink()
+    store = RunStore(tmp_path, ConvertConfig())
+    with pytest.raises(ArchnetError, match="needs the module 'mymodels'.*PYTHONPATH"):
+        _ = store.teacher

@@ -212,6 +212,11 @@ def _load_torch(path: Path, what: str, weights_only: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except FileNotFoundError:
         problem = "is missing"
+    except ModuleNotFoundError as e:  # a pickled model whose class lives in the user's code
+        raise ArchnetError(
+            f"{path} ({what}) needs the module {e.name!r}, which cannot be imported here; run "
+            "archnet where that module is importable (e.g. add its folder to PYTHONPATH)"
+        ) from None
     except Exception as e:  # truncated or foreign files raise many types
         problem = f"is unreadable ({type(e).__name__})"
     raise ArchnetError(

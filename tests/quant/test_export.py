@@ -184,3 +184,13 @@ def test_uncalibrated_export_refused() -> None:
     quantize_model(model, QuantConfig(first_last=None))
     with pytest.raises(ValueError, match="calibration"):
         export_qdq(model, (1, 3, 8, 8))
+
+
+def test_an_exporter_that_drops_the_quantizers_is_refused() -> None:
+    """Only the TorchScript exporter keeps the quantizer placeholders; a float graph from
+    another one must not pass for a quantized student."""
+    from archnet.errors import ArchnetError
+
+    model = _quantized_resnet("w8a8")
+    with pytest.raises(ArchnetError, match="lost .* quantizers"):
+        export_qdq(model, (1, 3, 32, 32), exporter="dynamo/opset18")

@@ -21,6 +21,7 @@ import torch
 from onnx import helper, version_converter
 from torch import nn
 
+from archnet.errors import ArchnetError
 from archnet.onnx_utils import export_onnx, exporter_of, stamp_exporter
 from archnet.quant.int4 import INT4_OPSET, int4_supported
 from archnet.quant.lsq import MIN_STEP, LSQQuantizer
@@ -172,6 +173,12 @@ def export_qdq(
             nodes.extend(rewriter.rewrite(node))
         else:
             nodes.append(node)
+    missing = {t.name for t in tensors} - {entry["name"] for entry in rewriter.report}
+    if missing:  # an exporter that does not keep the placeholders would drop the quantizers
+        raise ArchnetError(
+            f"the ONNX export ({tag}) lost {len(missing)} of {len(tensors)} quantizers (e.g. "
+            f"{sorted(missing)[0]}); QDQ export needs the TorchScript exporter"
+        )
     used = {name for node in nodes for name in node.input}
     kept = [t for t in graph.initializer if t.name in used]
     del graph.node[:]
