@@ -18,6 +18,7 @@ from tests.targets.graphs import (
     compliant,
     computed_weight_conv,
     declare,
+    lying_declaration,
     saturate_weights,
     tiny_quantized_classifier,
 )
@@ -398,13 +399,8 @@ def test_check_prints_declared_and_graph_bits(tmp_path, capsys, monkeypatch):
 def test_check_rewritten_declaration_fails(tmp_path, capsys, monkeypatch):
     """Metadata rewritten to declare 2 bits on a 4-bit weight: the graph says 4, check fails."""
     monkeypatch.setattr(cli.out, "width", 200)
-    model = tiny_quantized_classifier()
-    saturate_weights(model)
-    proto = export_qdq(model, (1, 3, 16, 16))
-    report = qdq_report(proto)
-    entry = next(r for r in report if r["kind"] == "weight" and r["bits"] == 4)
-    entry["bits"] = 2
-    path = save(tmp_path, "lie.onnx", declare(proto, report))
+    lie, entry = lying_declaration()
+    path = save(tmp_path, "lie.onnx", lie)
     code, out, _ = run_cli(capsys, "check", path, "--target", "archnet-5op-int")
     assert code == 1
     lines = out.strip().splitlines()

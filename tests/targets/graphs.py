@@ -267,3 +267,17 @@ def saturate_weights(model: nn.Module) -> None:
             if isinstance(m, QuantModule):
                 far = m.weight_quant.step.max() * 2**10
                 m.weight.view(-1)[0], m.weight.view(-1)[1] = far, -far
+
+
+def lying_declaration() -> tuple[onnx.ModelProto, dict[str, object]]:
+    """A genuine 4-bit export whose metadata declares one of its 4-bit weights 2-bit; the
+    model and the rewritten entry."""
+    from archnet.quant import export_qdq, qdq_report
+
+    model = tiny_quantized_classifier()
+    saturate_weights(model)
+    proto = export_qdq(model, (1, 3, 16, 16))
+    report = qdq_report(proto)
+    entry = next(r for r in report if r["kind"] == "weight" and r["bits"] == 4)
+    entry["bits"] = 2
+    return declare(proto, report), entry

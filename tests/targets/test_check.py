@@ -9,7 +9,7 @@ from onnx import helper
 from torch import nn
 
 from archnet.onnx_utils import export_onnx, legacy_exporter_available
-from archnet.quant import QuantConfig, calibrate, export_qdq, qdq_report, quantize_model
+from archnet.quant import QuantConfig, calibrate, export_qdq, quantize_model
 from archnet.quant.baselines import ptq_onnxruntime
 from archnet.targets import (
     CheckReport,
@@ -31,14 +31,13 @@ from tests.targets.graphs import (
     computed_weight_conv,
     declare,
     int_weight,
+    lying_declaration,
     npu,
     only,
     prepared_conv_net,
     qdq_compliant,
     qdq_conv,
     quantize_input,
-    saturate_weights,
-    tiny_quantized_classifier,
 )
 
 CPU_ORT = load_target("cpu-ort")
@@ -246,13 +245,8 @@ def test_genuine_4bit_export_passes_the_integer_target() -> None:
 @pytest.mark.parametrize("target", [CPU_ORT, ARCHNET_INT], ids=lambda t: t.name)
 def test_rewritten_declaration_is_a_violation_on_every_target(target) -> None:
     """Rewrite a 4-bit weight's declaration to 2: the graph still stores 4-bit integers."""
-    model = tiny_quantized_classifier()
-    saturate_weights(model)
-    proto = export_qdq(model, (1, 3, 16, 16))
-    report = qdq_report(proto)
-    entry = next(r for r in report if r["kind"] == "weight" and r["bits"] == 4)
-    entry["bits"] = 2
-    v = only(check_model(declare(proto, report), target))
+    lie, entry = lying_declaration()
+    v = only(check_model(lie, target))
     assert (v.op_type, v.attribute, v.module) == (
         "DequantizeLinear",
         "bits=4",
