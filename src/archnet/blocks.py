@@ -111,6 +111,12 @@ def trace_blocks(model: nn.Module, names: list[str], example: torch.Tensor) -> l
     try:
         with torch.no_grad():
             model.eval()(example)
+    except Exception as e:  # the user's model: any type
+        shape = tuple(example.shape)
+        raise ArchnetError(
+            f"the model fails on an input of shape {shape} ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:200]}); pass --input-size C,H,W the model accepts"
+        ) from None
     finally:
         for h in handles:
             h.remove()

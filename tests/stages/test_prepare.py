@@ -34,6 +34,20 @@ def test_input_size_from_the_data_set_or_the_tensor():
     assert cfg.input_size == (2, 8, 8)
 
 
+def test_the_data_sets_size_with_the_models_channels():
+    """A 3-channel model on Fashion-MNIST gets its grayscale images repeated over 3 channels."""
+    cfg = ConvertConfig()
+    resolve_input_size(cfg, nn.Sequential(nn.Conv2d(3, 4, 3)), "fashion-mnist")
+    assert cfg.input_size == (3, 32, 32)
+
+
+def test_a_model_that_fails_on_the_input_is_one_line(tmp_path, tiny_teacher):
+    with pytest.raises(
+        ArchnetError, match=r"fails on an input of shape \(2, 5, 32, 32\).*--input-size"
+    ):
+        convert(tiny_teacher, torch.randn(20, 5, 32, 32), out=tmp_path / "r")
+
+
 def test_unknown_input_size_is_asked_for(tmp_path):
     with pytest.raises(ArchnetError, match="--input-size"):
         resolve_input_size(ConvertConfig(), nn.Identity(), str(tmp_path))

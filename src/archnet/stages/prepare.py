@@ -28,7 +28,8 @@ DataArg = ImageData | torch.Tensor | str
 
 def resolve_input_size(config: ConvertConfig, model: nn.Module, data: DataArg) -> None:
     """Fill ``config.input_size`` when unset: from tensor data, the model's own configuration
-    (timm's ``pretrained_cfg``), or the named data set; else fail and ask for it."""
+    (timm's ``pretrained_cfg``), or the named data set's image size with as many channels as
+    the model's first convolution reads; else fail and ask for it."""
     if config.input_size:
         return
     if isinstance(data, (ImageData, torch.Tensor)):
@@ -39,6 +40,9 @@ def resolve_input_size(config: ConvertConfig, model: nn.Module, data: DataArg) -
     size = tuple(cfg["input_size"]) if "input_size" in cfg else native_input_size(data)
     if size is None:
         raise ArchnetError("cannot tell the model's input size; pass --input-size C,H,W")
+    stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if "input_size" not in cfg and stem is not None:  # the data set's size, the model's channels
+        size = (stem.in_channels, *size[1:])
     config.input_size = size
 
 
