@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from archnet import ConvertConfig, convert
+from archnet.stages import NAMES
 
 
 def smooth_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -39,17 +40,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="keep run directories here (default: temporary)")
     a = p.parse_args()
 
-    stage_names = [
-        "features",
-        "candidates",
-        "latency",
-        "distill",
-        "score",
-        "search",
-        "assemble",
-        "export",
-        "report",
-    ]
+    stage_names = [n for n in NAMES if n not in ("prepare", "ablation", "report")]
     table = Table(
         title=f"archnet end to end on timm models ({a.size}x{a.size}, {a.images} "
         f"random images, budget {a.budget}, target {a.target})"

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from archnet.errors import ArchnetError
-from archnet.report import faster
+from archnet.report.summary import print_summary
 
 out = Console()
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
@@ -35,108 +35,6 @@ def _input_size(text: str | None) -> tuple[int, ...] | None:
     if len(dims) != 3 or min(dims) <= 0:
         raise ArchnetError(f"--input-size {text!r} is not C,H,W (e.g. 3,224,224)")
     return dims
-
-
-def _ratio(s: float, t: float) -> str:
-    return f"{s / t:.2f}" if t else "n/a"
-
-
-def print_summary(rep: dict, run_dir: Path) -> None:
-    """The teacher-vs-student table every conversion ends with."""
-    from archnet.report import kb, mean_std
-
-    t, s = rep["teacher"], rep["student"]
-    lat, sp = rep["latency"], rep["splits"]
-    table = Table(
-        title=f"archnet: {rep['model']} on {rep['target']['name']} "
-        f"({lat['backend']}, {lat['threads']} thread(s), batch {lat['input_shape'][0]})"
-    )
-    for col, justify in (("", "left"), ("teacher", "right"), ("student", "right")):
-        table.add_column(col, justify=justify)
-    table.add_column("student / teacher", justify="right")
-    table.add_row(
-        "latency, measured (ms)",
-        f"{t['latency_ms']:.3f}",
-        f"{s['latency_ms']:.3f}",
-        f"{1 / rep['speedup']:.2f} ({faster(rep['speedup'])})",
-    )
-    table.add_row(
-        "latency, search table (ms)",
-        f"{t['predicted_latency_ms']:.3f}",
-        f"{s['predicted_latency_ms']:.3f}",
-        f"prediction error {100 * rep['prediction_error']:.1f}%",
-    )
-    table.add_row(
-        "latency, sum of parts (ms)",
-        f"{t['sum_of_parts_ms']:.3f}",
-        f"{s['sum_of_parts_ms']:.3f}",
-        f"additivity error {100 * rep['additivity_error']:.1f}%",
-    )
-    if "top1" in s:
-        table.add_row(
-            f"top-1, {sp['eval']:,} eval images (%)",
-            f"{t['top1']:.2f}",
-            f"{s['top1']:.2f}",
-            f"{s['top1'] - t['top1']:+.2f} points",
-        )
-    agree = rep["agreement"]
-    table.add_row("same class as teacher (%)", "", f"{100 * agree['argmax_agreement']:.2f}", "")
-    table.add_row(
-        "parameters", f"{t['params']:,}", f"{s['params']:,}", _ratio(s["params"], t["params"])
-    )
-    table.add_row("MACs", f"{t['macs']:,}", f"{s['macs']:,}", _ratio(s["macs"], t["macs"]))
-    table.add_row(
-        "size, packed at bit width (kB)",
-        kb(t["size_bits"], True),
-        kb(s["size_bits"], True),
-        _ratio(s["size_bits"], t["size_bits"]),
-    )
-    table.add_row(
-        "size, ONNX file (kB)",
-        kb(t["onnx_file_bytes"]),
-        kb(s["onnx_file_bytes"]),
-        _ratio(s["onnx_file_bytes"], t["onnx_file_bytes"]),
-    )
-    q = rep.get("quantization")
-    if q:
-        table.add_row(
-            "QDQ vs FP32 student (ms)",
-            "",
-            f"{q['qdq_student_ms']:.3f} vs {q['fp32_student_ms']:.3f}",
-            faster(q["qdq_speedup_vs_fp32"]),
-        )
-    out.print(table)
-    if q:
-        bits = q["bits"] if q["bits"] != "auto" else f"auto ({q['bit_choices']})"
-        storage = ", ".join(f"{n} {k}" for k, n in sorted(q["storage"].items()))
-        deployed = (
-            f"top-1 {q['runtime_top1']:.2f}%"
-            if q.get("runtime_top1") is not None
-            else f"same class as PyTorch on {100 * q['runtime_argmax_agreement']:.1f}%"
-        )
-        out.print(
-            f"quantized {bits}, first/last {q['first_last']}: {storage}; QDQ graph within "
-            f"{q['max_abs_diff']:.2e} of PyTorch (one output step {q['output_step']:.2e}); "
-            f"as onnxruntime runs it: {deployed}"
-        )
-    if rep.get("ablation"):
-        seeds = len(next(iter(rep["ablation"].values()))["seeds"])
-        abl = Table(
-            title=f"Arch-Distillation ablation (same student; mean ± std over {seeds} seeds)"
-        )
-        for col in ("variant", "top-1 (%)", "KL from teacher"):
-            abl.add_column(col, justify="left" if col == "variant" else "right")
-        for label, row in rep["ablation"].items():
-            abl.add_row(label, mean_std(row, "top1"), mean_std(row, "kl", ".4f"))
-        out.print(abl)
-    for w in rep["warnings"]:
-        out.print(f"[bold yellow]warning:[/] {w}", highlight=False)
-    out.print(
-        f"budget {rep['budget_spec']} -> {rep['budgets']['latency_ms']:.3f} ms; "
-        f"{rep['search']['pool_size']} choices, search space 10^"
-        f"{rep['search']['space_log10']:.1f}; images: {sp['train']:,} train, "
-        f"{sp['selection']:,} selection, {sp['eval']:,} eval; report: {run_dir / 'report.md'}"
-    )
 
 
 # CLI options -> config keys (dotted for nested settings)
@@ -199,7 +97,7 @@ def _convert(a: argparse.Namespace) -> int:
     _apply_options(cfg, a)
     model = load_model(a.model, a.checkpoint) if a.model else None
     result = start(model, a.data, cfg, a.out, eval_data=cfg.eval_data, resume=a.resume)
-    print_summary(result.report, result.run_dir)
+    print_summary(result.report, result.run_dir, out)
     return 0
 
 
@@ -241,7 +139,7 @@ def _export(a: argparse.Namespace) -> int:
             "--bits (e.g. --bits w8a8)"
         )
     result = finish(store)
-    print_summary(result.report, result.run_dir)
+    print_summary(result.report, result.run_dir, out)
     kind = "QDQ ONNX" if store.config.bits else "ONNX"
     out.print(f"{kind} student: {result.run_dir / 'student.onnx'}")
     return 0
@@ -257,7 +155,7 @@ def _report(a: argparse.Namespace) -> int:
             f"{a.run} has no report yet; finish it with `archnet export --run {a.run}`"
         )
     try:
-        print_summary(read_json(store.path("report.json")), store.root)
+        print_summary(read_json(store.path("report.json")), store.root, out)
     except (CorruptResult, KeyError, TypeError):
         raise ArchnetError(
             f"{store.path('report.json')} is unreadable; run `archnet export --run {a.run}` "
@@ -404,7 +302,7 @@ def _demo(a: argparse.Namespace) -> int:
     from archnet.demo import run_demo
 
     rep, run_dir = run_demo(Path(a.out), fast=a.fast, target=a.target, bits=a.bits)
-    print_summary(rep, run_dir)
+    print_summary(rep, run_dir, out)
     return 0
 
 
