@@ -71,6 +71,9 @@ class ConvertConfig:
     max_samples: int | None = None  # cap on the unlabeled training images (None: all)
     seed: int = 0
     ablation_seeds: int = 3  # archnet mode: seeds of every ablation variant (mean and std)
+    # labelled evaluation images each choice's swapped teacher is scored on, to measure how
+    # well the proxies rank candidates (a forward per choice each; 0: not measured)
+    proxy_images: int = 1000
     blockwise: BlockwiseConfig = field(default_factory=BlockwiseConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     arch: ArchDistillConfig = field(default_factory=ArchDistillConfig)

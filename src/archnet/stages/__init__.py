@@ -135,7 +135,7 @@ STAGES: list[Stage] = [
         keys=("blockwise.*",),
         verify=distill.verify,
     ),
-    Stage("score", score.run, ScoreResult, "scores.json"),
+    Stage("score", score.run, ScoreResult, "scores.json", keys=("proxy_images",)),
     Stage(
         "search",
         search.run,

@@ -20,19 +20,21 @@ from archnet.store import RunStore, read_json, write_json
 
 def run(store: RunStore) -> ScoreResult:
     """Replace-one-block KL for every choice on the selection split; where the evaluation split
-    is labelled, the swapped teacher's top-1 there too (it only measures the proxies, no choice
-    reads it)."""
+    is labelled, the swapped teacher's top-1 on its first ``proxy_images`` images too (it only
+    measures the proxies, no choice reads it)."""
     cfg, seed = store.config.blockwise, store.config.seed
     images = store.images("selection")
     t_logits = torch.from_numpy(np.array(cache(store).load("selection", "logits")))
+    cap = store.config.proxy_images
     labels = store.labels("eval")
-    ev = store.images("eval") if labels is not None else None
+    labels = labels[:cap] if labels is not None and cap > 0 else None
+    ev = store.images("eval")[:cap] if labels is not None else None
     scores: dict[str, dict[str, dict[str, float]]] = {}
     jobs = all_jobs(store, choices_only=True)
     with common.progress_bar() as bar:
         task = bar.add_task("replace-one-block scores", total=len(jobs))
         for job in jobs:
-            key = job.key(cfg, seed)
+            key = f"{job.key(cfg, seed)}:{cap}"  # a score is the job's on these images
             part = job.path.with_suffix(".score.json")
             score = _read_part(part, key)
             if score is None:
