@@ -78,11 +78,7 @@ def start(
             "or --out NEW_DIR to start another"
         )
     if is_run(root):
-        store = open_store(root)
-        with store.locked():
-            _same_inputs(store, teacher, data, eval_data, config)
-            reconcile(store, config)
-            return finish(store)
+        return _continue(root, config, teacher, data, eval_data)
     config.validate()
     prepare_directory(root)
     store = RunStore(root, config)
@@ -91,27 +87,39 @@ def start(
         return finish(store)
 
 
-def resume(out: str | Path, config: ConvertConfig | None = None) -> ConversionResult:
-    """Continue the run in ``out``; ``config``, when given, replaces the stored settings
-    (see :func:`archnet.stages.reconcile` for what may change)."""
+def resume(
+    out: str | Path,
+    config: ConvertConfig | None = None,
+    teacher: nn.Module | None = None,
+    data: Any = None,
+    eval_data: Any = None,
+) -> ConversionResult:
+    """Continue the run in ``out``. ``config``, when given, replaces the stored settings (see
+    :func:`archnet.stages.reconcile` for what may change); a ``teacher`` and ``data``, when
+    given, must be the ones the run was created with."""
+    return _continue(out, config, teacher, data, eval_data)
+
+
+def _continue(
+    out: str | Path, config: ConvertConfig | None, teacher: Any, data: Any, eval_data: Any
+) -> ConversionResult:
     store = open_store(out)
     with store.locked():
+        _same_inputs(store, teacher, data, eval_data)
         if config is not None:
             reconcile(store, config)
         return finish(store)
 
 
 def finish(store: RunStore) -> ConversionResult:
-    """Run every stage not done yet; the caller holds the run's lock."""
+    """Run every stage not done yet, holding the run's lock."""
     with store.locked():
         run_stages(store)
         report = json.loads(store.path("report.json").read_text())
         return ConversionResult(load_student(store), report, store.root)
 
 
-def _same_inputs(
-    store: RunStore, teacher: Any, data: Any, eval_data: Any, cfg: ConvertConfig
-) -> None:
+def _same_inputs(store: RunStore, teacher: Any, data: Any, eval_data: Any) -> None:
     """Refuse to resume with another teacher or other data than the run was created with."""
     if teacher is None or data is None:
         return
