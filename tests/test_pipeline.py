@@ -241,3 +241,31 @@ def test_the_search_skips_the_block_that_matters_least(
     )
     chosen = {b["block"]: b["choice"] for b in result.report["blocks"]}
     assert chosen == {name: "skip" if name == "layer2.1" else "teacher" for name in chosen}
+
+
+def test_arch_net_run_with_its_ablation_over_seeds(tmp_path, tiny_teacher, tiny_images, tiny_eval):
+    cfg = tiny_config(target="archnet-5op", candidates="archnet_conv,skip", ablation=True)
+    cfg.ablation_seeds = 2
+    cfg.arch.epochs_per_stage, cfg.arch.global_epochs = 0.25, 1
+    result = convert(
+        tiny_teacher,
+        tiny_images,
+        "archnet-5op",
+        budget=2.0,
+        out=tmp_path / "a",
+        eval_data=tiny_eval,
+        config=cfg,
+    )
+    rep = result.report
+    assert rep["mode"] == "archnet" and rep["onnx"]["student_violations"] == 0
+    assert set(rep["ablation"]) == {
+        "full method",
+        "without Teacher Attention",
+        "without Residual Feature Adaptation",
+        "without the progressive schedule",
+    }
+    for row in rep["ablation"].values():
+        assert row["seeds"] == [0, 1] and len(row["top1"]) == len(row["kl"]) == 2
+        assert min(row["top1"]) <= row["top1_mean"] <= max(row["top1"])
+    assert len(list((tmp_path / "a" / "ablation").glob("*.json"))) == 8  # one per variant and seed
+    assert "± " in (tmp_path / "a" / "report.md").read_text()
