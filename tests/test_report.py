@@ -70,6 +70,7 @@ def inputs(student_ms: float = 1.0, predicted_ms: float = 1.1, **kw) -> ReportIn
         ),
         "search": SearchOutcome(
             budgets={"latency_ms": 1.2},
+            limits={"latency_ms": 1.16},
             budget_spec="0.6",
             result={
                 "names": ["teacher", "skip"],
@@ -145,6 +146,13 @@ def test_a_prediction_far_off_is_a_warning():
     assert build_report(inputs(predicted_ms=1.1))["warnings"] == []
     warnings = build_report(inputs(predicted_ms=2.0))["warnings"]
     assert len(warnings) == 1 and "predicted 2.000 ms" in warnings[0]
+
+
+def test_a_budget_met_only_on_the_prediction_is_a_warning():
+    """Budget 0.6 of the teacher: a student measured at 0.65 of it is flagged."""
+    rep = build_report(inputs(student_ms=1.3, predicted_ms=1.2))
+    assert any("held on the prediction only" in w for w in rep["warnings"])
+    assert rep["latency_limit_ms"] == pytest.approx(1.16)
 
 
 def test_counts_come_from_the_built_student_not_the_search():

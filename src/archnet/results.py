@@ -127,7 +127,8 @@ class ScoreResult(Result):
 
 @dataclass
 class SearchOutcome(Result):
-    budgets: dict[str, float]
+    budgets: dict[str, float]  # as asked, in absolute units
+    limits: dict[str, float]  # as enforced: the latency budget less the margin
     budget_spec: str
     result: dict[str, Any]  # search.SearchResult.to_json()
     pareto: list[dict[str, Any]]

@@ -77,11 +77,18 @@ def build_report(r: ReportInputs) -> dict[str, Any]:
     }
     prediction_error = _rel(student["predicted_latency_ms"], student["latency_ms"])
     warnings = list(ev.warnings)
+    budget = r.search.budgets["latency_ms"]
+    measured_ratio = student["latency_ms"] / teacher["latency_ms"]
+    if measured_ratio > budget / lat.teacher_predicted_ms:
+        warnings.append(
+            f"measured, the student takes {measured_ratio:.3f} of the teacher's time; the budget "
+            f"allowed {budget / lat.teacher_predicted_ms:.3f}: it held on the prediction only"
+        )
     if prediction_error > POOR_PREDICTION:
         warnings.append(
             f"the search table predicted {student['predicted_latency_ms']:.3f} ms for the "
             f"student, measured {student['latency_ms']:.3f} ms ({100 * prediction_error:.0f}% "
-            "off): the budget held on the prediction only"
+            "off): the latency table does not describe this student well"
         )
     return {
         "model": r.model,
@@ -90,6 +97,7 @@ def build_report(r: ReportInputs) -> dict[str, Any]:
         "splits": {**r.prepare.splits, "eval_source": r.prepare.eval_source},
         "budgets": r.search.budgets,
         "budget_spec": r.search.budget_spec,
+        "latency_limit_ms": r.search.limits["latency_ms"],
         "teacher": teacher,
         "student": student,
         "speedup": teacher["latency_ms"] / student["latency_ms"],

@@ -41,7 +41,9 @@ def render_markdown(rep: dict[str, Any]) -> str:
         f"Target **{rep['target']['name']}**; latency on {lat['backend']} ({lat['device']}, "
         f"{lat['threads']} thread(s)), input {'x'.join(map(str, lat['input_shape']))}, teacher "
         "and student timed in the same run, interleaved.",
-        f"Latency budget {rep['budget_spec']} = {rep['budgets']['latency_ms']:.3f} ms.",
+        f"Latency budget {rep['budget_spec']} = {rep['budgets']['latency_ms']:.3f} ms; the "
+        f"search kept the student under {rep['latency_limit_ms']:.3f} ms, leaving a margin for "
+        "timing noise.",
         f"Images: {sp['train']:,} to train, {sp['selection']:,} to select (scores, search, "
         f"keeping the fine-tune), {sp['eval']:,} to evaluate ({sp['eval_source']}; no choice "
         "reads them).",

@@ -141,7 +141,7 @@ STAGES: list[Stage] = [
         search.run,
         SearchOutcome,
         "search.json",
-        keys=("budget", "params_budget", "macs_budget", "size_budget"),
+        keys=("budget", "budget_margin", "params_budget", "macs_budget", "size_budget"),
     ),
     Stage(
         "assemble",

@@ -6,7 +6,7 @@ from archnet.choices import parse_choice
 from archnet.results import LatencyTable, PoolResult, ScoreResult, SearchOutcome
 from archnet.search import SearchResult, pareto_sweep, plot_pareto, solve
 from archnet.stages import common
-from archnet.stages.latency import budgets, cost_table, reference
+from archnet.stages.latency import budgets, cost_table, limits, reference
 from archnet.store import RunStore
 
 
@@ -14,9 +14,9 @@ def run(store: RunStore) -> SearchOutcome:
     latency = store.load("latency.json", LatencyTable)
     scores = store.load("scores.json", ScoreResult).scores
     table = cost_table(store.load("pool.json", PoolResult), latency, scores)
-    limits = budgets(store, latency)
-    result = solve(table, limits, reference=reference(latency))
-    sweep = pareto_sweep(table, "latency_ms", extra_budgets=limits)
+    enforced = limits(store, latency)
+    result = solve(table, enforced, reference=reference(latency))
+    sweep = pareto_sweep(table, "latency_ms", extra_budgets=enforced)
     plot_pareto(
         sweep,
         store.path("pareto.png"),
@@ -25,10 +25,12 @@ def run(store: RunStore) -> SearchOutcome:
     )
     common.console.print(
         f"  chose {_summary(result)}; predicted {result.totals['latency_ms']:.3f} ms "
-        f"(budget {limits['latency_ms']:.3f} ms, solved in {result.solve_time_s:.2f} s)"
+        f"(budget {enforced['latency_ms']:.3f} ms with the margin, solved in "
+        f"{result.solve_time_s:.2f} s)"
     )
     return SearchOutcome(
-        budgets=limits,
+        budgets=budgets(store, latency),
+        limits=enforced,
         budget_spec=store.config.budget,
         result=result.to_json(),
         pareto=[r.to_json() for r in sweep],
