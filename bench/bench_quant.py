@@ -35,12 +35,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from torch import nn
 
 import archnet
-from archnet.demo import demo_config
+from archnet.demo import demo_config, demo_teacher_cached, teacher_file
 from archnet.onnx_utils import export_onnx
 from archnet.quant import export_any, export_qdq, is_quantized, onnx_bytes, parse_bits
 from archnet.quant.baselines import lsq_qat, onnx_top1, ptq_onnxruntime, u8s8_saturates
 from archnet.targets import load_target
-from archnet.zoo import demo_teacher
+from archnet.zoo import demo_data
 
 TARGET = "cpu-ort"
 # the issue's bar for archnet: at most this many points of top-1 below the FP32 teacher
@@ -171,18 +171,18 @@ def input_shape_of(proto: onnx.ModelProto) -> tuple[int, ...]:
 
 
 def load_teacher(args: argparse.Namespace) -> tuple[nn.Module, Any, Any]:
-    """The demo teacher (seed 0) and its data, reused from ``--out`` when trained there before."""
-    epochs = args.teacher_epochs if args.teacher_epochs is not None else (2 if args.fast else None)
-    file = args.out / f"teacher-{'default' if epochs is None else f'e{epochs}'}.pt"
-    if file.exists() and not args.fresh_teacher:
-        console.print(f"[bold]teacher[/] reusing {file}")
-        teacher, train, test = torch.load(file, map_location="cpu", weights_only=False)
-    else:
-        console.print("[bold]teacher[/] training the demo teacher (labels used only here)")
-        teacher, train, test = demo_teacher(seed=0, epochs=epochs, progress=True)
-        torch.save((teacher, train, test), file)
-    if args.train_limit:
-        train = train.subset(args.train_limit)
+    """The demo teacher (seed 0), cached in ``--out`` like the demo's, and its data."""
+    epochs = args.teacher_epochs if args.teacher_epochs is not None else (1 if args.fast else None)
+    file = teacher_file(args.out, 0, epochs)
+    if args.fresh_teacher:
+        file.unlink(missing_ok=True)
+    teacher = demo_teacher_cached(args.out, 0, epochs)
+    train, test = demo_data()
+    limit = (
+        demo_config(args.fast, TARGET).max_samples if args.train_limit is None else args.train_limit
+    )
+    if limit:
+        train = train.subset(limit)
     if args.eval_limit:
         test = test.subset(args.eval_limit)
     return teacher.eval(), train, test
@@ -283,7 +283,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", default=None, help="archnet latency budget (default: the demo's)")
     p.add_argument("--teacher-epochs", type=int, default=None, help="default: the demo's")
     p.add_argument("--fresh-teacher", action="store_true", help="retrain even if one is saved")
-    p.add_argument("--train-limit", type=int, default=0, help="use only the first N train images")
+    p.add_argument(
+        "--train-limit",
+        type=int,
+        default=None,
+        help="every method sees only the first N train images (default: the demo's max_samples)",
+    )
     p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N images")
     args = p.parse_args(argv)
     args.bit_specs = [b.strip().lower() for b in args.bits.split(",") if b.strip()]

@@ -310,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="archnet", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="train a small teacher on digits, convert it, print the table")
+    d = sub.add_parser(
+        "demo", help="train a small teacher on Fashion-MNIST, convert it, print the table"
+    )
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--fast", action="store_true", help="fewer epochs (for smoke tests)")
     d.add_argument(

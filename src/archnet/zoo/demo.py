@@ -1,39 +1,41 @@
-"""The demo teacher: tiny_effnet trained on the built-in digits, with a fixed held-out split."""
+"""The demo teacher: tiny_effnet trained on Fashion-MNIST's 60,000 training images."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from archnet.data import ImageData, digits
+from archnet.data import ImageData, fashion_mnist
 from archnet.zoo.registry import create_model
 from archnet.zoo.train import train_classifier
 
-__all__ = ["DEMO_EPOCHS", "DEMO_LR", "demo_data", "demo_teacher"]
+__all__ = ["DEMO_DATA", "DEMO_RECIPE", "demo_data", "demo_teacher"]
 
-DEMO_EPOCHS = 8
-DEMO_LR = 4e-3
-DEMO_SPLIT_SEED = 0
+DEMO_DATA = "fashion-mnist"
+# Two epochs reach ~90.5% test top-1 (90.3-90.6 over three seeds) in ~3 minutes on two cores.
+# No random shifts: in so short a schedule they cost ~0.8 points, and every image is centred.
+DEMO_RECIPE = {
+    "epochs": 2,
+    "batch_size": 256,
+    "lr": 6e-3,
+    "label_smoothing": 0.1,
+    "weight_decay": 0.05,
+    "max_shift": 0,
+}
 
 
-def demo_data(size: int = 32) -> tuple[ImageData, ImageData]:
-    """Digits at `size` x `size`, split 80% train / 20% held-out; the split never changes."""
-    return digits(size=size).split(0.8, seed=DEMO_SPLIT_SEED)
+def demo_data() -> tuple[ImageData, ImageData]:
+    """Fashion-MNIST at 1x32x32 (zero-padded): the 60,000 train and 10,000 test images."""
+    return fashion_mnist("train"), fashion_mnist("test")
 
 
 def demo_teacher(
     seed: int = 0, epochs: int | None = None, progress: bool = False
 ) -> tuple[nn.Module, ImageData, ImageData]:
-    """Train the demo teacher; returns (teacher in eval mode, train split, held-out split)."""
-    train, held_out = demo_data()
+    """Train the demo teacher; returns (teacher in eval mode, train split, test split)."""
+    train, test = demo_data()
     torch.manual_seed(seed)  # the initial weights too, so a seed names one teacher
-    model = create_model("tiny_effnet", num_classes=10)
-    model = train_classifier(
-        model,
-        train,
-        epochs=DEMO_EPOCHS if epochs is None else epochs,
-        lr=DEMO_LR,
-        seed=seed,
-        progress=progress,
-    )
-    return model, train, held_out
+    model = create_model("tiny_effnet", num_classes=10, in_chans=1)
+    recipe = {**DEMO_RECIPE, **({} if epochs is None else {"epochs": epochs})}
+    model = train_classifier(model, train, seed=seed, progress=progress, **recipe)
+    return model, train, test
