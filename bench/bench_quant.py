@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import statistics
 import time
@@ -160,6 +161,35 @@ METHODS: dict[str, tuple[str, Runner]] = {
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def cached_run(b: Bench, method: str, spec: str, seed: int, runner: Runner) -> Run:
+    """Run one method, or reuse its model from an earlier bench in ``--out`` with the same
+    settings: a killed bench resumes, and methods can be run apart, then tabled together."""
+    run = Run(method, spec, seed, onnx.ModelProto(), 0.0)
+    apart = ("methods", "method_keys", "seeds", "bits", "bit_specs", "out", "fresh_teacher")
+    settings = {k: v for k, v in vars(b.args).items() if k not in apart}
+    settings["config"] = demo_config(b.args.fast, TARGET, bits=spec).to_dict()
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    model_file, meta_file = (b.args.out / "models" / f"{run.key}.{ext}" for ext in ("onnx", "json"))
+    if model_file.exists() and meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("settings") == digest[:16]:
+            console.print(f"  reusing {model_file}")
+            run.proto, run.seconds, run.note = (
+                onnx.load(str(model_file)),
+                meta["seconds"],
+                meta["note"],
+            )
+            return run
+    t0 = time.perf_counter()
+    run.proto, run.note = runner(b, spec, seed)
+    run.seconds = time.perf_counter() - t0
+    model_file.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(run.proto, str(model_file))
+    meta = {"settings": digest[:16], "seconds": run.seconds, "note": run.note}
+    meta_file.write_text(json.dumps(meta) + "\n")
+    return run
 
 
 def has_qdq(proto: onnx.ModelProto) -> bool:
@@ -326,9 +356,7 @@ def main(argv: list[str] | None = None) -> None:
         for spec in args.bit_specs:
             for seed in range(args.seeds):
                 console.print(f"[bold]{label}[/] {spec}, first/last {args.first_last}, seed {seed}")
-                t0 = time.perf_counter()
-                proto, note = runner(bench, spec, seed)
-                runs.append(Run(method, spec, seed, proto, time.perf_counter() - t0, note))
+                runs.append(cached_run(bench, method, spec, seed, runner))
 
     every = [teacher_run, *runs]
     console.print(f"[bold]top-1[/] {len(test)} evaluation images, every model in onnxruntime")
