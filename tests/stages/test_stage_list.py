@@ -61,3 +61,9 @@ def test_every_stage_with_a_result_names_its_file():
     assert all((s.file is None) == (s.result is None) for s in STAGES)
     files = [s.file for s in STAGES if s.file]
     assert len(files) == len(set(files))
+
+
+@pytest.mark.parametrize("key", ["blockwise.quant_epochs", "blockwise.quant_lr", "first_last"])
+def test_quantization_options_re_run_only_quantized_runs(key):
+    assert first_stage(key, ConvertConfig(bits=None)) is None
+    assert first_stage(key, ConvertConfig(bits="w4a4")) is not None

@@ -165,6 +165,8 @@ STAGES: list[Stage] = [
 
 # options that change where work runs, not what it produces
 RESULT_FREE = ("blockwise.workers",)
+# options only a quantized run reads: changing them on a float run re-runs nothing
+QUANT_ONLY = ("blockwise.quant_*", "first_last", "bit_choices")
 
 NAMES = [s.name for s in STAGES]
 
@@ -230,9 +232,12 @@ def config_changes(old: ConvertConfig, new: ConvertConfig) -> dict[str, tuple[An
     return changes
 
 
-def first_stage(key: str) -> str | None:
-    """The first stage whose result depends on config ``key``; None for result-free keys."""
+def first_stage(key: str, config: ConvertConfig | None = None) -> str | None:
+    """The first stage whose result depends on config ``key``; None for result-free keys and
+    for the quantization options of a float ``config``."""
     if key in RESULT_FREE:
+        return None
+    if config is not None and config.bits is None and any(fnmatch(key, p) for p in QUANT_ONLY):
         return None
     for s in STAGES:
         if any(fnmatch(key, pattern) for pattern in s.keys):
@@ -257,7 +262,7 @@ def reconcile(store: RunStore, new: ConvertConfig) -> None:
             + "; start a new run with --out NEW_DIR, or resume with the stored options"
         )
     new.validate()
-    stages = [s for k in changes if (s := first_stage(k))]
+    stages = [s for k in changes if (s := first_stage(k, new))]
     store.config = new
     store.save_config()
     if stages:

@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import json
 
-from archnet.results import AblationResult, SearchOutcome
+from archnet.results import AblationResult, PoolResult, SearchOutcome
 from archnet.score import agreement, logits_of, top1
 from archnet.stages import common
 from archnet.stages.assemble import build_student, train_student
@@ -54,12 +54,21 @@ def run(store: RunStore) -> AblationResult:
 
 
 def _key(store: RunStore, cfg: object, seed: int) -> str:
-    """Names one ablation training: the student it starts from, its schedule and its seed."""
+    """Names one ablation training: the student it starts from (the chosen choices' job keys,
+    which hold the teacher, data and every setting their training read), its bits, schedule
+    and seed."""
     c = store.config
-    start = [store.prepared.fingerprint, store.load("search.json", SearchOutcome).names]
+    names = store.load("search.json", SearchOutcome).names
+    pools = store.load("pool.json", PoolResult)
+    chosen = [
+        job.key(c.blockwise, c.seed)
+        for job in common.jobs(store, pools, choices_only=True)
+        if job.name == names[job.block_index]
+    ]
     parts = [
-        *start,
-        dataclasses.asdict(c.blockwise),
+        store.prepared.fingerprint,
+        names,
+        chosen,
         c.bits,
         c.first_last,
         dataclasses.asdict(cfg),
