@@ -36,10 +36,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from torch import nn
 
 import archnet
+from archnet.config import ConvertConfig
 from archnet.demo import demo_config, demo_teacher_cached, teacher_file
 from archnet.onnx_utils import export_onnx
 from archnet.quant import export_any, export_qdq, is_quantized, onnx_bytes, parse_bits
 from archnet.quant.baselines import lsq_qat, onnx_top1, ptq_onnxruntime, u8s8_saturates
+from archnet.stages import config_changes, first_stage
 from archnet.targets import load_target
 from archnet.zoo import demo_data
 
@@ -169,7 +171,10 @@ def cached_run(b: Bench, method: str, spec: str, seed: int, runner: Runner) -> R
     run = Run(method, spec, seed, onnx.ModelProto(), 0.0)
     apart = ("methods", "method_keys", "seeds", "bits", "bit_specs", "out", "fresh_teacher")
     settings = {k: v for k, v in vars(b.args).items() if k not in apart}
-    settings["config"] = demo_config(b.args.fast, TARGET, bits=spec).to_dict()
+    cfg = demo_config(b.args.fast, TARGET, bits=spec)  # what the run reads of its settings
+    settings["config"] = {
+        k: v for k, v in config_changes(ConvertConfig(), cfg).items() if first_stage(k, cfg)
+    }
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     model_file, meta_file = (b.args.out / "models" / f"{run.key}.{ext}" for ext in ("onnx", "json"))
     if model_file.exists() and meta_file.exists():

@@ -67,3 +67,10 @@ def test_every_stage_with_a_result_names_its_file():
 def test_quantization_options_re_run_only_quantized_runs(key):
     assert first_stage(key, ConvertConfig(bits=None)) is None
     assert first_stage(key, ConvertConfig(bits="w4a4")) is not None
+
+
+def test_each_mode_ignores_the_other_modes_schedule():
+    hant, archnet = ConvertConfig(target="cpu-ort"), ConvertConfig(target="archnet-5op")
+    assert first_stage("arch.global_epochs", hant) is None
+    assert first_stage("finetune.epochs", archnet) is None
+    assert first_stage("arch.global_epochs", archnet) == first_stage("finetune.epochs", hant)

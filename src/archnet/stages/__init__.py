@@ -46,7 +46,7 @@ from archnet.stages import (
     score,
     search,
 )
-from archnet.stages.common import console, warn
+from archnet.stages.common import console, resolve_mode, warn
 from archnet.store import STATE, RunStore, read_json
 
 
@@ -165,8 +165,15 @@ STAGES: list[Stage] = [
 
 # options that change where work runs, not what it produces
 RESULT_FREE = ("blockwise.workers",)
-# options only a quantized run reads: changing them on a float run re-runs nothing
-QUANT_ONLY = ("blockwise.quant_*", "first_last", "bit_choices")
+
+
+def unread(config: ConvertConfig) -> tuple[str, ...]:
+    """Options this run never reads: changing them on resume re-runs nothing. A float run
+    ignores the quantization options; each mode ignores the other's end-to-end schedule."""
+    quant = () if config.bits else ("blockwise.quant_*", "first_last", "bit_choices")
+    other = "finetune.*" if resolve_mode(config) == "archnet" else "arch.*"
+    return (*quant, other)
+
 
 NAMES = [s.name for s in STAGES]
 
@@ -234,10 +241,10 @@ def config_changes(old: ConvertConfig, new: ConvertConfig) -> dict[str, tuple[An
 
 def first_stage(key: str, config: ConvertConfig | None = None) -> str | None:
     """The first stage whose result depends on config ``key``; None for result-free keys and
-    for the quantization options of a float ``config``."""
+    for those ``config`` never reads."""
     if key in RESULT_FREE:
         return None
-    if config is not None and config.bits is None and any(fnmatch(key, p) for p in QUANT_ONLY):
+    if config is not None and any(fnmatch(key, p) for p in unread(config)):
         return None
     for s in STAGES:
         if any(fnmatch(key, pattern) for pattern in s.keys):

@@ -13,6 +13,7 @@ from torch import nn
 
 from archnet.blocks import BlockSpec
 from archnet.choices import Bits
+from archnet.config import ConvertConfig
 from archnet.distill.blockwise import CandidateJob
 from archnet.opconvert import split_wide_layers
 from archnet.quant import QuantConfig, parse_bits, prepare_qat
@@ -46,10 +47,14 @@ def target(store: RunStore) -> Target:
 
 
 def mode(store: RunStore) -> str:
+    return resolve_mode(store.config)
+
+
+def resolve_mode(config: ConvertConfig) -> str:
     """'archnet' when the target restricts operators (or when asked), else 'hant'."""
-    if store.config.mode != "auto":
-        return store.config.mode
-    t = target(store)
+    if config.mode != "auto":
+        return config.mode
+    t = load_target(config.target)
     return "archnet" if t.allowed_ops is not None or bool(t.rules) else "hant"
 
 
