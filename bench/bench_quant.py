@@ -13,6 +13,7 @@ target's backend) and one size measure for every row: the bytes of the ONNX file
     python bench/bench_quant.py                                # full settings (hours)
     python bench/bench_quant.py --fast --seeds 1               # a smoke run
     python bench/bench_quant.py --methods ptq,lsq --bits w4a4  # a part of the table
+    python bench/bench_quant.py --cached-only                  # the table of what is done
 """
 
 from __future__ import annotations
@@ -165,21 +166,28 @@ METHODS: dict[str, tuple[str, Runner]] = {
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def cached_run(b: Bench, method: str, spec: str, seed: int, runner: Runner) -> Run:
-    """Run one method, or reuse its model from an earlier bench in ``--out`` with the same
-    settings: a killed bench resumes, and methods can be run apart, then tabled together."""
-    run = Run(method, spec, seed, onnx.ModelProto(), 0.0)
+def settings_digest(args: argparse.Namespace, spec: str) -> str:
+    """A hash of what a method's result at ``spec`` depends on: the bench options that shape
+    it and the conversion settings its run reads."""
     apart = ("methods", "method_keys", "seeds", "bits", "bit_specs", "out", "fresh_teacher")
-    settings = {k: v for k, v in vars(b.args).items() if k not in apart}
-    cfg = demo_config(b.args.fast, TARGET, bits=spec)  # what the run reads of its settings
+    settings = {k: v for k, v in vars(args).items() if k not in (*apart, "cached_only")}
+    cfg = demo_config(args.fast, TARGET, bits=spec)
     settings["config"] = {
         k: v for k, v in config_changes(ConvertConfig(), cfg).items() if first_stage(k, cfg)
     }
-    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_run(b: Bench, method: str, spec: str, seed: int, runner: Runner) -> Run | None:
+    """Run one method, or reuse its model from an earlier bench in ``--out`` with the same
+    settings: a killed bench resumes, and methods can be run apart, then tabled together.
+    None when ``--cached-only`` and nothing is cached."""
+    run = Run(method, spec, seed, onnx.ModelProto(), 0.0)
+    digest = settings_digest(b.args, spec)
     model_file, meta_file = (b.args.out / "models" / f"{run.key}.{ext}" for ext in ("onnx", "json"))
     if model_file.exists() and meta_file.exists():
         meta = json.loads(meta_file.read_text())
-        if meta.get("settings") == digest[:16]:
+        if meta.get("settings") == digest:
             console.print(f"  reusing {model_file}")
             run.proto, run.seconds, run.note = (
                 onnx.load(str(model_file)),
@@ -187,12 +195,14 @@ def cached_run(b: Bench, method: str, spec: str, seed: int, runner: Runner) -> R
                 meta["note"],
             )
             return run
+    if b.args.cached_only:
+        return None
     t0 = time.perf_counter()
     run.proto, run.note = runner(b, spec, seed)
     run.seconds = time.perf_counter() - t0
     model_file.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(run.proto, str(model_file))
-    meta = {"settings": digest[:16], "seconds": run.seconds, "note": run.note}
+    meta = {"settings": digest, "seconds": run.seconds, "note": run.note}
     meta_file.write_text(json.dumps(meta) + "\n")
     return run
 
@@ -317,6 +327,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calib", type=int, default=256, help="calibration images for the PTQ")
     p.add_argument("--budget", default=None, help="archnet latency budget (default: the demo's)")
     p.add_argument("--teacher-epochs", type=int, default=None, help="default: the demo's")
+    p.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="table only the runs an earlier bench in --out finished; name the others",
+    )
     p.add_argument("--fresh-teacher", action="store_true", help="retrain even if one is saved")
     p.add_argument(
         "--train-limit",
@@ -356,12 +371,17 @@ def main(argv: list[str] | None = None) -> None:
 
     teacher_run = Run("teacher", "fp32", 0, export_onnx(teacher, shape), 0.0)
     runs: list[Run] = []
+    missing: list[str] = []
     for method in args.method_keys:
         label, runner = METHODS[method]
         for spec in args.bit_specs:
             for seed in range(args.seeds):
                 console.print(f"[bold]{label}[/] {spec}, first/last {args.first_last}, seed {seed}")
-                runs.append(cached_run(bench, method, spec, seed, runner))
+                run = cached_run(bench, method, spec, seed, runner)
+                if run is None:
+                    missing.append(f"{method}-{spec}-s{seed}")
+                else:
+                    runs.append(run)
 
     every = [teacher_run, *runs]
     console.print(f"[bold]top-1[/] {len(test)} evaluation images, every model in onnxruntime")
@@ -390,6 +410,8 @@ def main(argv: list[str] | None = None) -> None:
         f"evaluation images in onnxruntime; latency onnxruntime CPU, {backend.threads} thread, "
         f"batch {shape[0]}, one interleaved run; size = bytes of the ONNX file"
     )
+    if missing:
+        title += f"; not run (--cached-only): {', '.join(missing)}"
     checks = check_drops(teacher_run, runs)
     (args.out / "quant_table.md").write_text(f"{title}\n\n{table}\n")
     results = {
@@ -402,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
         "latency": dataclasses.asdict(cfg.latency),
         "size_measure": "ONNX file bytes (onnx_bytes(...).file_bytes)",
         "checks": checks,
+        "missing": missing,
         "runs": [r.record() for r in every],
         "seconds": time.perf_counter() - started,
     }
