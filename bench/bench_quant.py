@@ -251,7 +251,7 @@ HEADER = [
     "top-1 %",
     "drop (pts)",
     "ORT ms",
-    "vs teacher",
+    "ms / teacher ms",
     "ONNX file kB",
     "note",
 ]
