@@ -170,7 +170,8 @@ def settings_digest(args: argparse.Namespace, spec: str) -> str:
     """A hash of what a method's result at ``spec`` depends on: the bench options that shape
     it and the conversion settings its run reads."""
     apart = ("methods", "method_keys", "seeds", "bits", "bit_specs", "out", "fresh_teacher")
-    settings = {k: v for k, v in vars(args).items() if k not in (*apart, "cached_only")}
+    apart += ("cached_only",)
+    settings = {k: v for k, v in vars(args).items() if k not in apart}
     cfg = demo_config(args.fast, TARGET, bits=spec)
     settings["config"] = {
         k: v for k, v in config_changes(ConvertConfig(), cfg).items() if first_stage(k, cfg)

@@ -12,7 +12,7 @@ import torch
 from archnet.api import start
 from archnet.config import ConvertConfig
 from archnet.stages.common import console
-from archnet.zoo.demo import DEMO_DATA, DEMO_RECIPE
+from archnet.zoo.demo import DEMO_DATA, demo_recipe
 
 # the kinds of change that pay on this network: skip, depthwise-separable 3x3 and 5x5, MBConv
 # with and without SE, fused MBConv; ReLU where the teacher used SiLU. (A plain residual 3x3
@@ -81,7 +81,7 @@ def demo_config(
 
 def teacher_file(out: Path, seed: int, epochs: int | None) -> Path:
     """Where the demo teacher of this recipe and seed is cached: a changed recipe retrains."""
-    recipe = {**DEMO_RECIPE, **({} if epochs is None else {"epochs": epochs}), "seed": seed}
+    recipe = {**demo_recipe(epochs), "seed": seed}
     digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     return out / f"teacher-{digest}.pt"
 

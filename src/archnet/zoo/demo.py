@@ -9,7 +9,7 @@ from archnet.data import ImageData, fashion_mnist
 from archnet.zoo.registry import create_model
 from archnet.zoo.train import train_classifier
 
-__all__ = ["DEMO_DATA", "DEMO_RECIPE", "demo_data", "demo_teacher"]
+__all__ = ["DEMO_DATA", "DEMO_RECIPE", "demo_data", "demo_recipe", "demo_teacher"]
 
 DEMO_DATA = "fashion-mnist"
 # Two epochs reach ~90.5% test top-1 (90.3-90.6 over three seeds) in ~3 minutes on two cores.
@@ -24,6 +24,11 @@ DEMO_RECIPE = {
 }
 
 
+def demo_recipe(epochs: int | None = None) -> dict:
+    """The training recipe, with ``epochs`` in place of its own when given."""
+    return {**DEMO_RECIPE, **({} if epochs is None else {"epochs": epochs})}
+
+
 def demo_data() -> tuple[ImageData, ImageData]:
     """Fashion-MNIST at 1x32x32 (zero-padded): the 60,000 train and 10,000 test images."""
     return fashion_mnist("train"), fashion_mnist("test")
@@ -36,6 +41,5 @@ def demo_teacher(
     train, test = demo_data()
     torch.manual_seed(seed)  # the initial weights too, so a seed names one teacher
     model = create_model("tiny_effnet", num_classes=10, in_chans=1)
-    recipe = {**DEMO_RECIPE, **({} if epochs is None else {"epochs": epochs})}
-    model = train_classifier(model, train, seed=seed, progress=progress, **recipe)
+    model = train_classifier(model, train, seed=seed, progress=progress, **demo_recipe(epochs))
     return model, train, test
