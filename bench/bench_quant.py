@@ -40,7 +40,14 @@ import archnet
 from archnet.config import ConvertConfig
 from archnet.demo import demo_config, demo_teacher_cached, teacher_file
 from archnet.onnx_utils import export_onnx
-from archnet.quant import export_any, export_qdq, is_quantized, onnx_bytes, parse_bits
+from archnet.quant import (
+    QUANTIZER_VERSION,
+    export_any,
+    export_qdq,
+    is_quantized,
+    onnx_bytes,
+    parse_bits,
+)
 from archnet.quant.baselines import lsq_qat, onnx_top1, ptq_onnxruntime, u8s8_saturates
 from archnet.stages import config_changes, first_stage
 from archnet.targets import load_target
@@ -172,6 +179,7 @@ def settings_digest(args: argparse.Namespace, spec: str) -> str:
     apart = ("methods", "method_keys", "seeds", "bits", "bit_specs", "out", "fresh_teacher")
     apart += ("cached_only",)
     settings = {k: v for k, v in vars(args).items() if k not in apart}
+    settings["quantizer"] = QUANTIZER_VERSION
     cfg = demo_config(args.fast, TARGET, bits=spec)
     settings["config"] = {
         k: v for k, v in config_changes(ConvertConfig(), cfg).items() if first_stage(k, cfg)

@@ -194,3 +194,39 @@ def test_an_exporter_that_drops_the_quantizers_is_refused() -> None:
     model = _quantized_resnet("w8a8")
     with pytest.raises(ArchnetError, match="lost .* quantizers"):
         export_qdq(model, (1, 3, 32, 32), exporter="dynamo/opset18")
+
+
+@pytest.mark.parametrize(("spec", "int4"), [("w4a4", True), ("w4a4", False), ("w3a3", True)])
+def test_zero_point_activations_export_exactly_and_verify(spec: str, int4: bool) -> None:
+    """SiLU-fed inputs get a shifted unsigned grid: the QDQ graph carries its zero point,
+    onnxruntime reproduces the fake-quant model and the checker proves the declared width."""
+    from archnet.targets.qdq import VERIFIED, quantized_tensors
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.SiLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.SiLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).eval()
+    quantize_model(model, QuantConfig.from_string(spec, first_last=None))
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        model(x)
+        expected = model(x).numpy()
+    proto = export_qdq(model, (8, 3, 16, 16), int4=int4)
+    zero_points = [e["zero_point"] for e in qdq_report(proto) if e["kind"] == "activation"]
+    assert zero_points[0] == 0, zero_points  # the image input is two-sided: signed
+    if spec == "w4a4":  # at 3 bits a step can exceed twice SiLU's dip: rounded to zero
+        assert all(z > 0 for z in zero_points[1:]), zero_points
+    fc = model[6]
+    step = fc.act_quant.step.item() * fc.weight_quant(fc.weight).abs().sum(1).max().item()
+    for optimize in (False, True):
+        assert np.abs(_run(proto, torch.from_numpy(x.numpy()), optimize) - expected).max() < step
+    tensors = quantized_tensors(proto)
+    assert all(t.declaration == VERIFIED for t in tensors), tensors
+    bits = int(spec[-1])
+    assert {t.bits for t in tensors if t.kind == "activation"} == {bits}

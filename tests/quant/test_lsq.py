@@ -108,3 +108,36 @@ def test_fixed_sign_is_not_inferred() -> None:
     q = LSQQuantizer(4, True)
     q(torch.rand(64))
     assert q.signed
+
+
+def test_short_negative_tail_gets_an_unsigned_grid_with_a_zero_point() -> None:
+    """After SiLU (minimum -0.28) a signed grid would spend half its levels on values that
+    hardly occur; the shifted unsigned grid keeps them and 13+ levels for the rest."""
+    torch.manual_seed(0)
+    x = torch.nn.functional.silu(torch.randn(4096) * 2)
+    q = LSQQuantizer(4, True, infer_sign=True)
+    y = q(x)
+    assert not q.signed and q.zero_point_value >= 1
+    assert (q.qmin, q.qmax) == (-q.zero_point_value, 15 - q.zero_point_value)
+    assert y.min() < 0 and len(torch.unique(y)) <= 16
+    symmetric = LSQQuantizer(4, True)
+    assert (y - x).pow(2).mean() < (symmetric(x) - x).pow(2).mean()
+    again = LSQQuantizer(4, True, infer_sign=True)
+    again.load_state_dict(q.state_dict())
+    assert again.zero_point_value == q.zero_point_value and torch.equal(again(x), y)
+
+
+def test_two_sided_input_keeps_the_signed_grid() -> None:
+    q = LSQQuantizer(4, True, infer_sign=True)
+    q(torch.randn(4096))
+    assert q.signed and q.zero_point_value == 0
+
+
+def test_state_dict_without_zero_point_loads_as_zero() -> None:
+    """Checkpoints written before zero points existed had none."""
+    q = LSQQuantizer(4, True, infer_sign=True)
+    q(torch.rand(64))
+    state = {k: v for k, v in q.state_dict().items() if k != "zero_point"}
+    fresh = LSQQuantizer(4, True, infer_sign=True)
+    fresh.load_state_dict(state)
+    assert fresh.zero_point_value == 0 and (fresh.qmin, fresh.qmax) == (0, 15)

@@ -31,6 +31,7 @@ from archnet.choices import Bits, build_choice, parse_choice, quantize_from
 from archnet.distill.bn import recalibrate_bn
 from archnet.distill.losses import nmse
 from archnet.errors import ArchnetError
+from archnet.quant import QUANTIZER_VERSION
 
 
 @dataclass
@@ -103,6 +104,7 @@ class CandidateJob:
         if self.bits is None:
             return key
         quant = (cfg.quant_epochs, cfg.quant_lr, cfg.batch_size, cfg.max_samples)
+        quant += (QUANTIZER_VERSION,)
         return _digest(key, self.name, quant, self.seed(base_seed))
 
     def done(self, cfg: BlockwiseConfig, base_seed: int) -> bool:

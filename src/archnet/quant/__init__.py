@@ -13,11 +13,12 @@ from archnet.quant.api import (
 )
 from archnet.quant.export import export_any, export_qdq, qdq_report
 from archnet.quant.int4 import int4_probe, int4_supported
-from archnet.quant.lsq import LSQQuantizer, quant_range
+from archnet.quant.lsq import QUANTIZER_VERSION, LSQQuantizer, quant_range
 from archnet.quant.modules import QuantConv2d, QuantLinear, QuantModule, mark_unsigned_after_relu
 from archnet.quant.size import OnnxSize, onnx_bytes
 
 __all__ = [
+    "QUANTIZER_VERSION",
     "LSQQuantizer",
     "OnnxSize",
     "QuantConfig",

@@ -115,6 +115,7 @@ class _Rewriter:
                 "kind": kind,
                 "bits": quant.bits,
                 "signed": quant.signed,
+                "zero_point": quant.zero_point_value,
                 "per_channel": step.size > 1,
                 "storage": storage.name,
             }

@@ -99,8 +99,8 @@ def run_case(pattern: str, case: Case) -> ProbeResult:
 
 
 # --- the probe network ----------------------------------------------------------------------
-# x -> Q/DQ (signed) -> Conv 3x3 -> Relu -> Q/DQ (unsigned) -> Conv 3x3 -> Relu -> MaxPool 2x2
-# -> Q/DQ (unsigned) -> Flatten -> Gemm, every weight a DQ of stored integers (per channel):
+# x -> Q/DQ (signed) -> Conv 3x3 -> Relu -> Q/DQ (unsigned, zero point 1) -> Conv 3x3 -> Relu
+# -> MaxPool 2x2 -> Q/DQ (unsigned) -> Flatten -> Gemm, every weight a DQ of stored integers (per channel):
 # layers as the export writes them, including an input quantized after a max-pool, which
 # onnxruntime's optimiser moves the Q/DQ pair across. Scales are powers of two and data
 # integers, so every product and sum is exact in float32 and rounding ties are resolved by the
@@ -137,7 +137,8 @@ def _probe_net(weight_4bit: bool, act_4bit: bool, act_bits: int) -> Case:
     parts: list[Emitted] = [
         activation_qdq("x", "input", "x_dq", _X_STEP, (xmin, xmax), x_store),
         weight_dq("w1", "w1_quantized", w1, s1, 0, w_store, "w1_dq"),
-        activation_qdq("a", "relu1", "a_dq", _ACT_STEP, (0, amax), a_store),
+        # a grid shifted by a zero point, as inputs with a short negative tail get
+        activation_qdq("a", "relu1", "a_dq", _ACT_STEP, (-1, amax - 1), a_store),
         weight_dq("w2", "w2_quantized", w2, s2, 0, w_store, "w2_dq"),
         activation_qdq("p", "pool", "p_dq", _ACT_STEP, (0, amax), a_store),
         weight_dq("w3", "w3_quantized", w3, s3, 0, w_store, "w3_dq"),
@@ -186,7 +187,7 @@ def _probe_net(weight_4bit: bool, act_4bit: bool, act_bits: int) -> Case:
 
     h = act(t(x), xmin, xmax, _X_STEP)
     h = F.conv2d(h, per_channel(w1, s1), t(b1), padding=1).relu()
-    h = F.conv2d(act(h, 0, amax, _ACT_STEP), per_channel(w2, s2), t(b2), padding=1).relu()
+    h = F.conv2d(act(h, -1, amax - 1, _ACT_STEP), per_channel(w2, s2), t(b2), padding=1).relu()
     h = act(F.max_pool2d(h, 2), 0, amax, _ACT_STEP).flatten(1)
     w3f = per_channel(w3, s3)
     y = F.linear(h, w3f, t(b3))

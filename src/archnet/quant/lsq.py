@@ -14,9 +14,12 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["MIN_STEP", "LSQQuantizer", "float_mode", "quant_range"]
+__all__ = ["MIN_STEP", "QUANTIZER_VERSION", "LSQQuantizer", "float_mode", "quant_range"]
 
 MIN_BITS, MAX_BITS = 2, 8
+# Changes whenever a quantizer given the same data learns something else, so checkpoints
+# trained by an older one are retrained rather than reused (2: zero points for one-sided inputs).
+QUANTIZER_VERSION = 2
 # Floor on the step so a step driven towards zero by the optimiser cannot divide by zero.
 MIN_STEP = 1e-8
 
@@ -71,6 +74,10 @@ class LSQQuantizer(nn.Module):
     weight updates. The step is initialised from the first batch it sees (``2 mean|x| /
     sqrt(qmax)``); the ``initialized`` buffer travels with the state dict so a loaded
     checkpoint is never re-initialised.
+
+    An unsigned grid may carry an integer zero point ``z``: it then spans ``[-z, 2^b-1-z]``
+    steps, so ``qmin``/``qmax`` are the grid shifted by ``-z`` and the forward is unchanged.
+    A QuantizeLinear with zero point ``z`` computes exactly this.
     """
 
     def __init__(
@@ -92,8 +99,10 @@ class LSQQuantizer(nn.Module):
         n = num_channels if (per_channel and num_channels) else 1
         self.step = nn.Parameter(torch.ones(n))
         self.register_buffer("initialized", torch.tensor(False))
-        # Saved with the state dict: the sign may be decided from data (``infer_sign``).
+        # Saved with the state dict: the sign and zero point may be decided from data.
         self.register_buffer("is_signed", torch.tensor(signed))
+        self.register_buffer("zero_point", torch.tensor(0))
+        self._zero_point = 0
         # Set by the QDQ exporter so each exported node can be traced back to its quantizer.
         self.export_id = -1
         self.enabled = True  # off: the identity (see ``float_mode``)
@@ -108,21 +117,38 @@ class LSQQuantizer(nn.Module):
         self.is_signed.fill_(self._signed)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        key = prefix + "zero_point"
+        if key not in state_dict:  # saved before zero points existed: there were none
+            state_dict = {**state_dict, key: torch.tensor(0)}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._signed = bool(self.is_signed)
+        self._zero_point = int(self.zero_point)
+
+    @property
+    def zero_point_value(self) -> int:
+        """The integer the stored grid's zero sits at (0 unless an unsigned grid is shifted)."""
+        return self._zero_point
+
+    def set_zero_point(self, value: int) -> None:
+        lo, hi = quant_range(self.bits, self._signed)
+        if self._signed and value or not lo <= value <= hi:
+            raise ValueError(f"zero point {value} does not fit the grid [{lo}, {hi}]")
+        self._zero_point = int(value)
+        self.zero_point.fill_(self._zero_point)
 
     @property
     def qmin(self) -> int:
-        return quant_range(self.bits, self._signed)[0]
+        return quant_range(self.bits, self._signed)[0] - self._zero_point
 
     @property
     def qmax(self) -> int:
-        return quant_range(self.bits, self._signed)[1]
+        return quant_range(self.bits, self._signed)[1] - self._zero_point
 
     def extra_repr(self) -> str:
         kind = f"per_channel(axis={self.channel_axis})" if self.per_channel else "per_tensor"
         sign = "inferred" if self.infer_sign and not bool(self.initialized) else self._signed
-        return f"bits={self.bits}, signed={sign}, {kind}"
+        zero = f", zero_point={self._zero_point}" if self._zero_point else ""
+        return f"bits={self.bits}, signed={sign}{zero}, {kind}"
 
     def _reduce_dims(self, x: torch.Tensor) -> list[int]:
         axis = self.channel_axis % x.dim()
@@ -139,10 +165,14 @@ class LSQQuantizer(nn.Module):
         """Set the step from ``x`` with LSQ's rule (per channel when ``per_channel``).
 
         With ``infer_sign``, an input without negative values (one that follows a ReLU, or
-        an image in [0, 1]) is quantized unsigned, which gains one bit of resolution.
+        an image in [0, 1]) is quantized unsigned, which gains one bit of resolution; so is
+        one whose negative tail is short (after SiLU or GELU, whose minimum is -0.28 and
+        -0.17), on a grid shifted by a zero point, where a signed grid would spend half its
+        levels on values that hardly occur. Two-sided inputs keep the signed grid.
         """
         if self.infer_sign:
-            self.signed = bool((x < 0).any())
+            self.signed, zero = self._sign_from(x)
+            self.set_zero_point(zero)
         if self.per_channel:
             mean_abs = x.detach().abs().mean(dim=self._reduce_dims(x))
         else:
@@ -154,6 +184,19 @@ class LSQQuantizer(nn.Module):
         else:
             self.step.copy_(step)
         self.initialized.fill_(True)
+
+    def _sign_from(self, x: torch.Tensor) -> tuple[bool, int]:
+        """(signed, zero point) for a per-tensor input: unsigned with the zero point that keeps
+        its minimum on the grid, unless that would give negatives a quarter of it or more."""
+        low = float(x.detach().min())
+        if low >= 0:
+            return False, 0
+        if self.per_channel:
+            return True, 0
+        qmax = quant_range(self.bits, False)[1]
+        step = max(2 * float(x.detach().abs().mean()) / math.sqrt(qmax), MIN_STEP)
+        zero = round(-low / step)
+        return (True, 0) if zero >= (qmax + 1) // 4 else (False, zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:

@@ -89,14 +89,14 @@ class Emitted:
 
 
 def _scale_and_zero_point(
-    prefix: str, step: np.ndarray, storage: Storage, out: Emitted
+    prefix: str, step: np.ndarray, storage: Storage, out: Emitted, zero: int = 0
 ) -> tuple[str, str, bool]:
     """Scale and zero-point initializers, and whether they are per channel (several steps)."""
     step = np.asarray(step, np.float32).reshape(-1)
     per_channel = step.size > 1
     scale, zp = f"{prefix}_scale", f"{prefix}_zero_point"
     out.initializers.append(numpy_helper.from_array(step if per_channel else step[0], scale))
-    zeros = np.zeros(step.shape if per_channel else (), np.int64)
+    zeros = np.full(step.shape if per_channel else (), zero, np.int64)
     out.initializers.append(integer_tensor(zp, zeros, storage))
     return scale, zp, per_channel
 
@@ -131,14 +131,17 @@ def activation_qdq(
 ) -> Emitted:
     """``in -> [Clip] -> QuantizeLinear -> DequantizeLinear -> out`` with one ``step``.
 
-    The Clip narrows the storage type's range to ``qrange`` when that is narrower (a 3-bit
-    activation in a 4-bit or 8-bit type), so the graph computes what the quantizer does.
+    ``qrange`` is the quantizer's grid in steps from zero; in unsigned storage a negative
+    ``qmin`` becomes the zero point ``-qmin``. The Clip narrows the storage type's range to
+    ``qrange`` when that is narrower (a 3-bit activation in a 4-bit or 8-bit type), so the
+    graph computes what the quantizer does.
     """
-    emitted = Emitted()
-    scale, zp, _ = _scale_and_zero_point(prefix, np.array([step]), storage, emitted)
     qmin, qmax = qrange
+    zero = 0 if storage.signed else -qmin
+    emitted = Emitted()
+    scale, zp, _ = _scale_and_zero_point(prefix, np.array([step]), storage, emitted, zero)
     q_in = in_name
-    if (qmin, qmax) != storage.qrange:
+    if (qmin + zero, qmax + zero) != storage.qrange:
         lo, hi = f"{prefix}_clip_min", f"{prefix}_clip_max"
         emitted.initializers.append(numpy_helper.from_array(np.float32(qmin * step), lo))
         emitted.initializers.append(numpy_helper.from_array(np.float32(qmax * step), hi))

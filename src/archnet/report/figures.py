@@ -200,7 +200,11 @@ def _quantization(
     q = exp.quantization
     if q is None:
         return None
-    storage = Counter(f"{t['kind']} {t['bits']}-bit as {t['storage']}" for t in q["tensors"])
+    storage = Counter(
+        f"{t['kind']} {t['bits']}-bit as {t['storage']}"
+        + (" with a zero point" if t.get("zero_point") else "")
+        for t in q["tensors"]
+    )
     return {
         **bits,
         "tensors": len(q["tensors"]),
