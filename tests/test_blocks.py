@@ -10,8 +10,9 @@ import timm
 import torch
 from torch import nn
 
-from archnet.blocks import BlockSpec, FeatureCache, find_blocks, match_name
+from archnet.blocks import BlockSpec, find_blocks, match_name
 from archnet.errors import ArchnetError
+from archnet.features import FeatureCache
 from archnet.zoo import create_model
 
 

@@ -44,3 +44,28 @@ def test_count_macs_leaves_training_state_and_bn_stats():
     assert model.training and not model[1].training
     assert torch.equal(model[1].running_mean, stats)
     assert not model[0]._forward_hooks
+
+
+def test_attention_matmuls_are_counted_fused_or_not():
+    """An encoder layer: its four linear layers (12 tokens: 9216 + 3072 + 6144 + 6144 MACs)
+    plus QK^T and the weighted sum of values (2 x 12 x 12 x 16), whichever kernel runs."""
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    assert count_macs(layer, (12, 16)) == 24576 + 2 * 12 * 12 * 16
+    assert layer.training is False
+
+
+def test_vit_attention_counts_the_same_through_sdpa_and_explicit_matmuls():
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, depth=2)
+    counts = []
+    for fused in (True, False):
+        for block in model.blocks:
+            block.attn.fused_attn = fused
+        counts.append(count_macs(model, (3, 32, 32)))
+    assert counts[0] == counts[1]
+    tokens, width = 5, 192  # 2x2 patches and the class token
+    patch_embed = 4 * width * 3 * 16 * 16
+    per_block = tokens * width * (3 * width + width + 4 * width + 4 * width)
+    attention = 2 * tokens * tokens * width
+    assert counts[0] == patch_embed + 2 * (per_block + attention) + width * 10

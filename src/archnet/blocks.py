@@ -1,4 +1,4 @@
-"""Find a teacher's blocks, record their shapes, and cache their input/output features.
+"""Find a teacher's blocks and record their shapes, layouts and context inputs.
 
 A *block* is a submodule (by qualified name) that maps one tensor to one tensor and is
 called once per forward. The pipeline replaces blocks one at a time, so everything else
@@ -9,40 +9,52 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatch
-from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
-from numpy.lib.format import open_memmap
-from rich.progress import Progress
 from torch import nn
 
+from archnet.context import ContextInput, context_names, split_call, stream_of
 from archnet.errors import ArchnetError
+
+LAYOUTS = ("nchw", "nhwc", "tokens", "vector")
+# the channel axis of each layout, in a shape without the batch dimension
+_CHANNEL_AXIS = {"nchw": 0, "nhwc": -1, "tokens": -1, "vector": -1}
+_SPATIAL_AXES = {"nchw": (1, 2), "nhwc": (0, 1)}
 
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """Shapes of one teacher block, without the batch dimension: (C, H, W) for CNNs."""
+    """One teacher block: its stream tensor's shapes without the batch dimension and layout
+    ((C, H, W) for ``nchw``, (H, W, C) for ``nhwc``, (N, C) for ``tokens``), the extra inputs
+    it is called with (``context``) and its output structure (``out_arity``: 0 for a tensor,
+    else a tuple of that many items with the stream first)."""
 
     name: str
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    layout: str = "nchw"
+    context: tuple[ContextInput, ...] = ()
+    out_arity: int = 0
 
     @property
     def in_ch(self) -> int:
-        return self.in_shape[0]
+        return self.in_shape[_CHANNEL_AXIS[self.layout]]
 
     @property
     def out_ch(self) -> int:
-        return self.out_shape[0]
+        return self.out_shape[_CHANNEL_AXIS[self.layout]]
 
     @property
     def stride(self) -> int:
         """Spatial down-sampling factor, 0 when the block does not shrink by an integer factor."""
-        if len(self.in_shape) < 3:
-            return 1
-        h_in, h_out = self.in_shape[1], self.out_shape[1]
-        if h_out == 0 or h_in % h_out or self.in_shape[2] != self.out_shape[2] * (h_in // h_out):
+        axes = _SPATIAL_AXES.get(self.layout)
+        if axes is None or len(self.in_shape) != 3 or len(self.out_shape) != 3:
+            return 1 if self.in_shape[:-1] == self.out_shape[:-1] else 0
+        (h_in, w_in), (h_out, w_out) = (
+            [shape[a] for a in axes] for shape in (self.in_shape, self.out_shape)
+        )
+        if h_out == 0 or h_in % h_out or w_in != w_out * (h_in // h_out):
             return 0
         return h_in // h_out
 
@@ -50,10 +62,43 @@ class BlockSpec:
     def same_shape(self) -> bool:
         return self.in_shape == self.out_shape
 
+    def channels_first(self) -> BlockSpec:
+        """This NHWC block as the NCHW block an NCHW candidate is built for."""
+        if self.layout != "nhwc":
+            raise ValueError(f"block {self.name} is {self.layout}, not nhwc")
+
+        def move(shape: tuple[int, ...]) -> tuple[int, ...]:
+            return (shape[-1], *shape[:-1])
+
+        return BlockSpec(self.name, move(self.in_shape), move(self.out_shape), "nchw")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "in_shape": list(self.in_shape),
+            "out_shape": list(self.out_shape),
+            "layout": self.layout,
+            "context": [c.to_dict() for c in self.context],
+            "out_arity": self.out_arity,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BlockSpec:
+        """Read back ``to_dict``; runs written before layouts existed held NCHW tensors."""
+        return cls(
+            d["name"],
+            tuple(d["in_shape"]),
+            tuple(d["out_shape"]),
+            d.get("layout", "nchw"),
+            tuple(ContextInput(**c) for c in d.get("context", [])),
+            d.get("out_arity", 0),
+        )
+
 
 # Block patterns of common families, tried in order. A pattern is dot-aware: each segment is
 # an fnmatch pattern and the segment count must match, so "blocks.*" never matches "blocks.0.conv".
 FAMILY_PATTERNS: dict[str, str] = {
+    "swin": "layers.*.blocks.*",  # timm Swin (before "layer*.*", which would take its stages)
     "resnet": "layer*.*",  # timm ResNet / ResNeSt / ResNeXt, torchvision ResNet
     "efficientnet": "blocks.*.*",  # timm EfficientNet / MobileNetV2-V3 / MnasNet
     "convnext": "stages.*.blocks.*",  # timm ConvNeXt
@@ -89,28 +134,85 @@ def _candidate_names(model: nn.Module, patterns: list[str], containers_only: boo
     return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
 
 
+@dataclass
+class _Call:
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    context: dict[str, Any]
+    arity: int
+
+
+def _layout(first_layer: nn.Module | None, in_shape: tuple[int, ...]) -> str:
+    """The stream's layout, read from the first layer with weights the block runs on it: a
+    convolution or 2-D batch norm over axis 0 reads NCHW, a linear layer or LayerNorm over the
+    last axis reads channels last (NHWC for images, tokens for sequences)."""
+    if len(in_shape) == 1:
+        return "vector"
+    if len(in_shape) == 2:
+        return "tokens"
+    channels_first = (
+        isinstance(first_layer, (nn.Conv2d, nn.BatchNorm2d))
+        and getattr(first_layer, "in_channels", getattr(first_layer, "num_features", None))
+        == in_shape[0]
+    )
+    width = getattr(first_layer, "in_features", None)
+    if isinstance(first_layer, nn.LayerNorm):
+        width = first_layer.normalized_shape[-1]
+    if not channels_first and width == in_shape[-1]:
+        return "nhwc" if len(in_shape) == 3 else "tokens"
+    return "nchw" if len(in_shape) == 3 else "tokens"
+
+
+def _first_layers(model: nn.Module, names: list[str]) -> tuple[dict[str, nn.Module], list]:
+    """Hooks recording, per block, the first layer with weights that runs inside it."""
+    first: dict[str, nn.Module] = {}
+    handles = []
+    for leaf_name, leaf in model.named_modules():
+        if any(True for _ in leaf.children()) or not any(True for _ in leaf.parameters(False)):
+            continue
+        owner = next((n for n in names if leaf_name.startswith(n + ".")), None)
+        if owner is None:
+            continue
+
+        def pre(m: nn.Module, _args, owner: str = owner) -> None:
+            first.setdefault(owner, m)
+
+        handles.append(leaf.register_forward_pre_hook(pre))
+    return first, handles
+
+
 def trace_blocks(model: nn.Module, names: list[str], example: torch.Tensor) -> list[BlockSpec]:
-    """Run one forward with hooks; keep blocks called once with one tensor in and one out."""
-    calls: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {n: [] for n in names}
+    """Run two forwards (batch sizes 2 and 3) with hooks; keep blocks called once per forward
+    with a stream tensor first, recording their layout, context inputs and output structure."""
+    calls: dict[str, list[_Call]] = {n: [] for n in names}
     order: list[str] = []
     bad: dict[str, str] = {}
 
     def hook(name: str):
-        def fn(_m, args, out):
-            tensors_in = [a for a in args if isinstance(a, torch.Tensor)]
-            if len(args) != 1 or len(tensors_in) != 1 or not isinstance(out, torch.Tensor):
-                bad[name] = "does not map one tensor to one tensor"
+        def fn(_m, args, kwargs, out):
+            x, context = split_call(args, kwargs)
+            y = stream_of(out)
+            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+                bad[name] = "does not take and return a stream tensor"
                 return
-            calls[name].append((tuple(args[0].shape[1:]), tuple(out.shape[1:])))
+            arity = len(out) if isinstance(out, (tuple, list)) else 0
+            calls[name].append(_Call(tuple(x.shape[1:]), tuple(y.shape[1:]), context, arity))
             order.append(name)
 
         return fn
 
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    handles = [
+        model.get_submodule(n).register_forward_hook(hook(n), with_kwargs=True) for n in names
+    ]
+    first, leaf_handles = _first_layers(model, names)
+    handles += leaf_handles
     was_training = model.training
+    batches = (len(example), len(example) + 1)
     try:
         with torch.no_grad():
             model.eval()(example)
+            runs = {n: len(c) for n, c in calls.items()}
+            model(torch.cat([example, example[:1]]))
     except Exception as e:  # the user's model: any type
         shape = tuple(example.shape)
         raise ArchnetError(
@@ -123,10 +225,12 @@ def trace_blocks(model: nn.Module, names: list[str], example: torch.Tensor) -> l
         model.train(was_training)
     specs = []
     for name in dict.fromkeys(order):
-        if name in bad or len(calls[name]) != 1:
+        if name in bad or runs[name] != 1 or len(calls[name]) != 2:
             continue
-        (in_shape, out_shape) = calls[name][0]
-        specs.append(BlockSpec(name, in_shape, out_shape))
+        one, two = calls[name]
+        context = context_names(one.context, two.context, batches)
+        layout = _layout(first.get(name), one.in_shape)
+        specs.append(BlockSpec(name, one.in_shape, one.out_shape, layout, context, one.arity))
     return specs
 
 
@@ -163,117 +267,3 @@ def find_blocks(
         f"no recognisable blocks in {type(model).__name__}; pass --blocks 'PATTERN' naming the "
         "block modules (e.g. 'layer*.*' or 'blocks.*')"
     )
-
-
-class FeatureCache:
-    """Teacher block inputs/outputs on disk as fp16 ``.npy`` files, read back memory-mapped.
-
-    Written once per run (``features/<split>/<index>_{in,out}.npy`` and ``logits.npy``), so
-    every candidate job reads the same tensors without re-running the teacher.
-    """
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    def path(self, split: str, key: str) -> Path:
-        return self.root / split / f"{key}.npy"
-
-    def exists(self, split: str, n_blocks: int) -> bool:
-        return self.path(split, "logits").exists() and all(
-            self.path(split, f"{i:03d}_{k}").exists()
-            for i in range(n_blocks)
-            for k in ("in", "out")
-        )
-
-    def write(
-        self,
-        model: nn.Module,
-        specs: list[BlockSpec],
-        images: torch.Tensor,
-        split: str,
-        batch_size: int = 128,
-        progress: Progress | None = None,
-    ) -> None:
-        """Run the teacher over ``images`` once, hooking every block."""
-        n = len(images)
-        if n == 0:
-            raise ArchnetError(f"no images to compute teacher features for ({split} split)")
-        out_dir = self.root / split
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = {}
-        for i, s in enumerate(specs):
-            for kind, shape in (("in", s.in_shape), ("out", s.out_shape)):
-                tmp[(i, kind)] = open_memmap(
-                    out_dir / f"{i:03d}_{kind}.tmp.npy", "w+", np.float16, (n, *shape)
-                )
-        logits = None
-        cursor = [0]
-
-        def store(i: int, kind: str, t: torch.Tensor) -> None:
-            lo = cursor[0]
-            tmp[(i, kind)][lo : lo + len(t)] = t.detach().to(torch.float16).numpy()
-
-        # the input is copied before the block runs: a block may modify it in place
-        handles = []
-        for i, s in enumerate(specs):
-            block = model.get_submodule(s.name)
-            handles.append(
-                block.register_forward_pre_hook(lambda _m, args, i=i: store(i, "in", args[0]))
-            )
-            handles.append(
-                block.register_forward_hook(lambda _m, _args, out, i=i: store(i, "out", out))
-            )
-        task = progress.add_task(f"teacher features ({split})", total=n) if progress else None
-        try:
-            model.eval()
-            with torch.no_grad():
-                for lo in range(0, n, batch_size):
-                    cursor[0] = lo
-                    y = model(images[lo : lo + batch_size])
-                    if logits is None:
-                        logits = open_memmap(
-                            out_dir / "logits.tmp.npy", "w+", np.float32, (n, *y.shape[1:])
-                        )
-                    logits[lo : lo + len(y)] = y.numpy()
-                    if progress:
-                        progress.update(task, advance=len(y))
-        finally:
-            for h in handles:
-                h.remove()
-        # rename only when complete, so an interrupted run never reads half a cache
-        for (i, kind), arr in tmp.items():
-            arr.flush()
-            del arr
-            (out_dir / f"{i:03d}_{kind}.tmp.npy").replace(self.path(split, f"{i:03d}_{kind}"))
-        logits.flush()
-        (out_dir / "logits.tmp.npy").replace(self.path(split, "logits"))
-
-    def problem(
-        self, splits: tuple[str, ...], specs: list[BlockSpec], sizes: dict[str, int]
-    ) -> str | None:
-        """Why the cache cannot serve ``specs`` on ``splits`` (a file missing, truncated or of
-        the wrong shape), or None when every file is whole."""
-        for split in splits:
-            n = sizes[split]
-            expected: dict[str, tuple[int, ...] | None] = {"logits": None}
-            for i, s in enumerate(specs):
-                expected[f"{i:03d}_in"] = (n, *s.in_shape)
-                expected[f"{i:03d}_out"] = (n, *s.out_shape)
-            for key, shape in expected.items():
-                path = self.path(split, key)
-                try:
-                    arr = self.load(split, key)
-                except FileNotFoundError:
-                    return f"{path} is missing"
-                except (OSError, ValueError) as e:
-                    return f"{path} is unreadable ({type(e).__name__})"
-                if arr.shape[0] != n or (shape is not None and arr.shape != shape):
-                    return f"{path} holds shape {arr.shape}, expected {shape or (n, '...')}"
-        return None
-
-    def load(self, split: str, key: str) -> np.ndarray:
-        return np.load(self.path(split, key), mmap_mode="r")
-
-    def block(self, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(inputs, outputs) of block ``index`` as read-only memory maps."""
-        return self.load(split, f"{index:03d}_in"), self.load(split, f"{index:03d}_out")

@@ -19,6 +19,7 @@ from torch import nn
 
 from archnet.blocks import BlockSpec
 from archnet.choices import build_choice
+from archnet.context import Bound, capture_context
 from archnet.flops import count_macs, count_params
 from archnet.quant import model_size_bits
 from archnet.targets import LatencyCache
@@ -29,16 +30,19 @@ class BlockStub(nn.Module):
     """Stands in for a block when timing the rest of the network.
 
     Its output depends on its input through one element, so no compiler can prune the stem
-    that feeds it, while its own cost (one slice, one broadcast add) is negligible.
+    that feeds it, while its own cost (one slice, one broadcast add) is negligible. It takes
+    the block's context and answers in its output structure (``arity``, see ``BlockSpec``).
     """
 
-    def __init__(self, out_shape: tuple[int, ...]):
+    def __init__(self, out_shape: tuple[int, ...], arity: int = 0):
         super().__init__()
         self.register_buffer("const", torch.zeros(1, *out_shape))
+        self.arity = arity
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *_args: Any, **_kwargs: Any):
         probe = x.flatten(1)[:, :1].reshape(-1, *([1] * (self.const.dim() - 1)))
-        return self.const + probe * 0.0
+        y = self.const + probe * 0.0
+        return (y, *[None] * (self.arity - 1)) if self.arity else y
 
 
 def outside_network(teacher: nn.Module, specs: list[BlockSpec]) -> nn.Module:
@@ -47,8 +51,13 @@ def outside_network(teacher: nn.Module, specs: list[BlockSpec]) -> nn.Module:
 
     shell = copy.deepcopy(teacher)
     for s in specs:
-        shell.set_submodule(s.name, BlockStub(s.out_shape))
+        shell.set_submodule(s.name, BlockStub(s.out_shape, s.out_arity))
     return shell.eval()
+
+
+def _timed(pool: dict[str, nn.Module], context: dict[str, Any] | None) -> dict[str, nn.Module]:
+    """A block's choices as they are timed: with the block's context bound, when it has one."""
+    return {k: Bound(m, context) for k, m in pool.items()} if context else pool
 
 
 def block_latency_table(
@@ -75,6 +84,10 @@ def block_latency_table(
     """
     kw = {"warmup": cfg.warmup, "repeats": cfg.repeats}
     batch = input_shape[0]
+    with_context = [s.name for s in specs if s.context]
+    contexts = (
+        capture_context(teacher, with_context, torch.randn(*input_shape)) if with_context else {}
+    )
     floors: dict[str, float] = {}
     hits = 0
     blocks: dict[str, dict[str, float]] = {}
@@ -88,7 +101,8 @@ def block_latency_table(
         pool = {
             name: build_choice(name, spec, block) for name in dict.fromkeys(["teacher", *wanted])
         }
-        group = measure_cached_group(backend, cache, pool, shape, cfg.rounds, **kw)
+        timed = _timed(pool, contexts.get(spec.name))
+        group = measure_cached_group(backend, cache, timed, shape, cfg.rounds, **kw)
         hits += group.hits
         floors["x".join(map(str, shape))] = group.floor_ms
         teacher_blocks[spec.name] = group.ms["teacher"]

@@ -1,18 +1,20 @@
 """Parameter and multiply-accumulate counts, the hardware-agnostic cost proxies.
 
-MACs count only the layers that dominate CNN cost: convolutions (grouped and depthwise
-included) and linear layers. Elementwise work (activations, BatchNorm, which folds into the
-preceding conv at deployment, residual additions, pooling, SE gating) and biases are not
-counted.
+MACs are counted at the level of PyTorch's operators (``torch.utils.flop_counter``), so every
+matrix product is in: convolutions (grouped, depthwise and transposed included), linear
+layers, and the functional ones of attention (QK^T and the weighted sum of values, fused
+into scaled-dot-product attention or not). Elementwise work (activations, normalisation,
+residual additions, pooling, softmax, SE gating) and biases are not counted.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch.nn.modules.conv import _ConvNd
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 __all__ = ["count_params", "count_macs"]
 
@@ -22,21 +24,33 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
-    if isinstance(module, _ConvNd):
-        per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
-        if module.transposed:  # every input element is scattered over a kernel of outputs
-            per_input = module.out_channels // module.groups * math.prod(module.kernel_size)
-            return inp.numel() * per_input
-        return out.numel() * per_output
-    if isinstance(module, nn.Linear):
-        return out.numel() * module.in_features
-    return 0
+def _cpu_sdpa(query_shape, key_shape, value_shape, *_args, out_shape=None, **_kwargs) -> int:  # noqa: ANN001
+    """FLOPs of the CPU kernel of scaled-dot-product attention, which PyTorch's counter lacks."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa}
+
+
+@contextlib.contextmanager
+def _no_attention_fastpath() -> Iterator[None]:
+    """Eval-mode ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` otherwise run one
+    fused kernel that no counter sees into."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
 
 
 @torch.no_grad()
 def count_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one forward pass at batch size 1.
+    """Multiply-accumulates of one forward pass at batch size 1 (half the counted FLOPs).
 
     ``input_shape`` excludes the batch dimension, e.g. ``(3, 224, 224)``. The module runs in
     eval mode (restored afterwards) so BatchNorm statistics are left untouched.
@@ -48,24 +62,13 @@ def count_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
         device=ref.device if ref is not None else None,
         dtype=ref.dtype if ref is not None and ref.is_floating_point() else None,
     )
-    total = 0
-
-    def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        nonlocal total
-        total += _layer_macs(mod, args[0], out)
-
-    handles = [
-        m.register_forward_hook(hook)
-        for m in module.modules()
-        if isinstance(m, (_ConvNd, nn.Linear))
-    ]
     modes = {m: m.training for m in module.modules()}
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
     try:
         module.eval()
-        module(x)
+        with _no_attention_fastpath(), counter:
+            module(x)
     finally:
-        for h in handles:
-            h.remove()
         for m, training in modes.items():
             m.training = training
-    return total
+    return counter.get_total_flops() // 2

@@ -57,9 +57,7 @@ class PrepareResult(Result):
 
     @property
     def specs(self) -> list[BlockSpec]:
-        return [
-            BlockSpec(d["name"], tuple(d["in_shape"]), tuple(d["out_shape"])) for d in self.blocks
-        ]
+        return [BlockSpec.from_dict(d) for d in self.blocks]
 
 
 @dataclass

@@ -25,7 +25,7 @@ def _randomize(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
-@pytest.mark.parametrize("name", list_candidates())
+@pytest.mark.parametrize("name", list_candidates(exclude="linear"))
 def test_same_structure_is_exact_copy(name):
     torch.manual_seed(0)
     teacher = _randomize(build_candidate(name, SPEC), 0).eval()

@@ -27,9 +27,12 @@ SPECS = [
     BlockSpec("same", (16, 16, 16), (16, 16, 16)),
     BlockSpec("down", (16, 16, 16), (24, 8, 8)),
     BlockSpec("widen", (24, 8, 8), (40, 8, 8)),
+    BlockSpec("nhwc_down", (8, 8, 16), (4, 4, 24), "nhwc"),
+    BlockSpec("tokens", (17, 32), (17, 32), "tokens"),
 ]
 SPEC_IDS = [s.name for s in SPECS]
 NAMES = list_candidates()
+NCHW_NAMES = [n for n in NAMES if "nchw" in get_candidate(n).layouts]
 
 torch.set_num_threads(1)
 
@@ -93,7 +96,7 @@ def test_candidate_onnx_matches_torch(name, spec):
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NCHW_NAMES)
 def test_every_candidate_applies_to_a_downsampling_block(name):
     spec = BlockSpec("down", (16, 16, 16), (24, 8, 8))
     assert build_candidate(name, spec) is not None
@@ -109,7 +112,7 @@ def test_every_candidate_applies_to_a_downsampling_block(name):
     ids=lambda s: s.name,
 )
 def test_any_integer_stride(spec):
-    for name in NAMES:
+    for name in NCHW_NAMES:
         model = build_candidate(name, spec)
         assert model is not None, name
         out = model.eval()(torch.randn(1, *spec.in_shape))
@@ -121,14 +124,33 @@ def test_any_integer_stride(spec):
     [
         BlockSpec("fractional", (16, 16, 16), (16, 10, 10)),
         BlockSpec("upsample", (16, 8, 8), (16, 16, 16)),
-        BlockSpec("flat", (16,), (16,)),
-        BlockSpec("tokens", (16, 32), (16, 32)),
+        BlockSpec("fewer_tokens", (16, 32), (8, 32), "tokens"),
     ],
     ids=lambda s: s.name,
 )
 def test_inapplicable_specs_give_none(spec):
     for name in NAMES:
         assert build_candidate(name, spec) is None, name
+
+
+def test_token_blocks_get_the_layout_free_candidates_only():
+    spec = BlockSpec("tokens", (17, 32), (17, 32), "tokens")
+    served = [n for n in NAMES if build_candidate(n, spec) is not None]
+    assert served == ["skip", "linear"]
+
+
+def test_nhwc_blocks_get_conv_candidates_in_permutes():
+    """A channels-last block is served by the NCHW families, each wrapped to read and write
+    channels last, so its output matches the same module run channels first."""
+    spec = BlockSpec("nhwc", (8, 8, 16), (4, 4, 24), "nhwc")
+    torch.manual_seed(0)
+    model = build_candidate("mbconv_k3_e3_relu", spec).eval()
+    x = torch.randn(2, 8, 8, 16)
+    with torch.no_grad():
+        y = model(x)
+        first = model.inner(x.permute(0, 3, 1, 2))
+    assert y.shape == (2, 4, 4, 24)
+    assert torch.equal(y, first.permute(0, 2, 3, 1))
 
 
 def test_skip_is_identity_for_same_shape():
@@ -142,7 +164,7 @@ def test_build_pool_teacher_first_and_copied():
     pool = build_pool(spec, teacher)
     assert next(iter(pool)) == TEACHER
     assert pool[TEACHER] is not teacher
-    assert list(pool)[1:] == NAMES  # every candidate applies to a down-sampling block
+    assert list(pool)[1:] == NCHW_NAMES  # every NCHW candidate applies to a down-sampling block
     x = torch.randn(1, *spec.in_shape)
     teacher.eval(), pool[TEACHER].eval()
     torch.testing.assert_close(pool[TEACHER](x), teacher(x), rtol=0, atol=0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from archnet.blocks import BlockSpec, FeatureCache, find_blocks
+from archnet.blocks import BlockSpec, find_blocks
 from archnet.candidates import build_candidate
 from archnet.distill.blockwise import (
     BlockwiseConfig,
@@ -20,6 +20,7 @@ from archnet.distill.blockwise import (
     steps_per_job,
     train_block,
 )
+from archnet.features import FeatureCache
 from archnet.zoo import create_model
 
 SPEC = BlockSpec("blocks.0", (8, 8, 8), (8, 8, 8))

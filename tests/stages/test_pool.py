@@ -36,11 +36,11 @@ class _Tokens(nn.Module):
         return self.head(self.blocks(tokens).mean(1))
 
 
-def test_token_shaped_blocks_are_refused_with_the_reason(tmp_path):
-    with pytest.raises(ArchnetError, match="token-shaped blocks"):
-        convert(
-            _Tokens().eval(), torch.randn(20, 3, 32, 32), out=tmp_path / "r", config=tiny_config()
-        )
+def test_token_blocks_without_a_serving_family_are_refused_with_the_reason(tmp_path):
+    """Only skip and linear serve token blocks; with neither selected nothing can change."""
+    config = tiny_config(candidates="dwsep_k3_relu,resnet_basic_w05")
+    with pytest.raises(ArchnetError, match="for its tokens shapes"):
+        convert(_Tokens().eval(), torch.randn(20, 3, 32, 32), out=tmp_path / "r", config=config)
     assert not (tmp_path / "r" / "features").exists()  # refused before the teacher's features
 
 
@@ -53,7 +53,8 @@ def test_one_unserved_block_is_a_warning_naming_it(capsys):
 @pytest.mark.parametrize(
     ("spec", "words"),
     [
-        (BlockSpec("b", (4, 16), (4, 16)), "token-shaped"),
+        (BlockSpec("b", (4, 16), (4, 16), "tokens"), "for its tokens shapes"),
+        (BlockSpec("b", (4, 16), (2, 16), "tokens"), "changes length"),
         (BlockSpec("b", (8, 9, 9), (8, 4, 4)), "integer factor"),
         (BlockSpec("b", (8, 8, 8), (8, 8, 8)), "widen --candidates"),
     ],

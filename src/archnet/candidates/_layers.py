@@ -129,3 +129,16 @@ def stack(first: nn.Module, make_rest, depth: int) -> nn.Module:
     if depth == 1:
         return first
     return nn.Sequential(first, *(make_rest() for _ in range(depth - 1)))
+
+
+class ChannelsLast(nn.Module):
+    """An NCHW module serving an NHWC stream (timm Swin, ConvNeXt's channels-last blocks):
+    permuted to channels first on the way in and back on the way out, two Transposes an
+    NPU folds into its layout choice."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from archnet.blocks import BlockSpec
+from archnet.blocks import LAYOUTS, BlockSpec
+from archnet.context import ContextFree
 from archnet.errors import ArchnetError
 
+from ._layers import ChannelsLast
 from .inherit import inherit_weights
 
 __all__ = [
@@ -32,7 +34,12 @@ __all__ = [
     "build_pool",
 ]
 
-Builder = Callable[[BlockSpec], "nn.Module | None"]
+# builder(spec) -> module, or builder(spec, teacher_block) for candidates cut from the teacher
+Builder = Callable[..., "nn.Module | None"]
+
+#: What a family serves unless it says otherwise: NCHW feature maps. An NCHW family also
+#: serves channels-last (NHWC) blocks, built for the transposed shapes and wrapped in permutes.
+DEFAULT_LAYOUTS = frozenset({"nchw"})
 
 #: Pool key of the teacher block itself; reserved, never a registered candidate.
 TEACHER = "teacher"
@@ -46,15 +53,25 @@ class CandidateDef:
     family: str
     builder: Builder
     tags: frozenset[str]
+    layouts: frozenset[str] = DEFAULT_LAYOUTS
+    # built from the teacher block itself (``builder(spec, teacher)``), not from shapes alone
+    from_teacher: bool = False
 
 
 _candidates: dict[str, CandidateDef] = {}  # insertion order == registration order
 
 
 def register_candidate(
-    name: str, family: str, tags: Iterable[str] = ()
+    name: str,
+    family: str,
+    tags: Iterable[str] = (),
+    layouts: Iterable[str] = DEFAULT_LAYOUTS,
+    from_teacher: bool = False,
 ) -> Callable[[Builder], Builder]:
-    """Decorator registering ``builder(spec) -> nn.Module | None`` under ``name``.
+    """Decorator registering ``builder(spec) -> nn.Module | None`` under ``name``, serving
+    blocks whose stream has one of ``layouts`` (see ``archnet.blocks.LAYOUTS``). With
+    ``from_teacher`` it is ``builder(spec, teacher_block)``: the candidate is cut from the
+    teacher's block (fewer heads of its attention), so there is none without the teacher.
 
     The builder is returned unchanged so one function can be registered under several
     names (e.g. via ``functools.partial``).
@@ -65,7 +82,12 @@ def register_candidate(
             raise ArchnetError(f"candidate name {TEACHER!r} is reserved for the teacher block")
         if name in _candidates:
             raise ArchnetError(f"candidate {name!r} is already registered")
-        _candidates[name] = CandidateDef(name, family, builder, frozenset(tags))
+        unknown = set(layouts) - set(LAYOUTS)
+        if unknown:
+            raise ArchnetError(f"candidate {name!r}: unknown layouts {sorted(unknown)}")
+        _candidates[name] = CandidateDef(
+            name, family, builder, frozenset(tags), frozenset(layouts), from_teacher
+        )
         return builder
 
     return decorator
@@ -126,15 +148,32 @@ def build_candidate(
         if teacher_block is None:
             raise ArchnetError("candidate 'teacher' needs the teacher block to copy")
         return copy.deepcopy(teacher_block)
-    module = get_candidate(name).builder(spec)
-    if module is None or teacher_block is None:
-        return module
-    ref = next(iter(teacher_block.parameters()), None)
-    if ref is not None:
-        dtype = ref.dtype if ref.is_floating_point() else None
-        module = module.to(device=ref.device, dtype=dtype)
-    inherit_weights(module, teacher_block)
+    candidate = get_candidate(name)
+    if candidate.from_teacher:
+        module = None if teacher_block is None else candidate.builder(spec, teacher_block)
+    else:
+        module = _build_for_layout(candidate, spec)
+    if module is None:
+        return None
+    if teacher_block is not None and not candidate.from_teacher:
+        ref = next(iter(teacher_block.parameters()), None)
+        if ref is not None:
+            dtype = ref.dtype if ref.is_floating_point() else None
+            module = module.to(device=ref.device, dtype=dtype)
+        inherit_weights(module, teacher_block)
+    if spec.context or spec.out_arity:  # its callers pass masks or expect a tuple
+        module = ContextFree(module, spec.out_arity)
     return module
+
+
+def _build_for_layout(candidate: CandidateDef, spec: BlockSpec) -> nn.Module | None:
+    """The candidate's module for ``spec``'s layout; None when its family does not serve it."""
+    if spec.layout in candidate.layouts:
+        return candidate.builder(spec)
+    if spec.layout == "nhwc" and "nchw" in candidate.layouts:
+        inner = candidate.builder(spec.channels_first())
+        return None if inner is None else ChannelsLast(inner)
+    return None
 
 
 def build_pool(

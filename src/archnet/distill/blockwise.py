@@ -25,12 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from archnet.blocks import BlockSpec, FeatureCache
+from archnet.blocks import BlockSpec
 from archnet.candidates import build_candidate
 from archnet.choices import Bits, build_choice, parse_choice, quantize_from
+from archnet.context import BlockContext, call_block
 from archnet.distill.bn import recalibrate_bn
 from archnet.distill.losses import nmse
 from archnet.errors import ArchnetError
+from archnet.features import FeatureCache
 from archnet.quant import QUANTIZER_VERSION
 
 
@@ -132,13 +134,24 @@ def _tensor(arr: np.ndarray, idx: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(arr[idx], dtype=np.float32))
 
 
+def _context(context: BlockContext | None, idx: np.ndarray) -> dict | None:
+    return context.batch(idx) if context else None
+
+
 @torch.no_grad()
-def evaluate_nmse(module: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
+def evaluate_nmse(
+    module: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int = 256,
+    context: BlockContext | None = None,
+) -> float:
     """Held-out normalized MSE of a block, sample-weighted over batches."""
     module.eval()
     total, n = 0.0, len(x)
     for idx in _batches(n, batch_size, None):
-        total += nmse(module(_tensor(x, idx)), _tensor(y, idx)).item() * len(idx)
+        out = call_block(module, _tensor(x, idx), _context(context, idx))
+        total += nmse(out, _tensor(y, idx)).item() * len(idx)
     return total / max(n, 1)
 
 
@@ -149,8 +162,10 @@ def train_block(
     cfg: BlockwiseConfig,
     seed: int,
     on_step: Callable[[], None] | None = None,
+    context: BlockContext | None = None,
 ) -> list[float]:
-    """Regress ``y`` from ``x`` with Adam + cosine decay; returns the per-epoch training loss."""
+    """Regress ``y`` from ``x`` (and the block's ``context``) with Adam + cosine decay;
+    returns the per-epoch training loss."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n = len(x) if cfg.max_samples is None else min(len(x), cfg.max_samples)
@@ -165,7 +180,8 @@ def train_block(
     for _ in range(cfg.epochs):
         total = 0.0
         for idx in _batches(n, cfg.batch_size, rng):
-            loss = nmse(module(_tensor(x, idx)), _tensor(y, idx))
+            out = call_block(module, _tensor(x, idx), _context(context, idx))
+            loss = nmse(out, _tensor(y, idx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -174,7 +190,8 @@ def train_block(
             if on_step:
                 on_step()
         history.append(total / n)
-    recalibrate_bn(module, (_tensor(x, idx) for idx in _batches(n, 256, None)))
+    batches = ((_tensor(x, idx), _context(context, idx)) for idx in _batches(n, 256, None))
+    recalibrate_bn(module, batches, forward=lambda m, batch: call_block(m, *batch))
     module.eval()
     return history
 
@@ -196,21 +213,24 @@ def run_job(
     """Build, train and checkpoint one candidate; returns its metrics."""
     cache = FeatureCache(cache_root)
     x, y = cache.block("train", job.block_index)
+    context = cache.context("train", job.block_index, job.spec)
     trained = job.name != "teacher"  # the teacher's own block is the reference: nothing to learn
     if job.bits is not None:
         module, init = _quantized_start(job, teacher_block, x), f"float {job.candidate}"
     elif trained:
-        module, init = _best_start(job, teacher_block, x, y, base_seed)
+        module, init = _best_start(job, teacher_block, x, y, base_seed, context)
     else:
         module, init = build_candidate(job.name, job.spec, teacher_block), "teacher"
     job_cfg = cfg.for_job(job.bits is not None)
-    history = train_block(module, x, y, job_cfg, job.seed(base_seed), on_step) if trained else []
+    seed = job.seed(base_seed)
+    history = train_block(module, x, y, job_cfg, seed, on_step, context) if trained else []
     xv, yv = cache.block("selection", job.block_index)
+    selection = cache.context("selection", job.block_index, job.spec)
     metrics = {
         "block": job.spec.name,
         "candidate": job.name,
         "train_loss": history,
-        "val_nmse": evaluate_nmse(module, xv, yv),
+        "val_nmse": evaluate_nmse(module, xv, yv, context=selection),
         "init": init,
         "config": asdict(job_cfg),
     }
@@ -223,7 +243,12 @@ def run_job(
 
 
 def _best_start(
-    job: CandidateJob, teacher_block: nn.Module, x: np.ndarray, y: np.ndarray, base_seed: int
+    job: CandidateJob,
+    teacher_block: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    base_seed: int,
+    context: BlockContext | None = None,
 ) -> tuple[nn.Module, str]:
     """The candidate from teacher weights or from random init, whichever starts closer.
 
@@ -235,8 +260,10 @@ def _best_start(
     starts = {}
     for init, teacher in (("teacher", teacher_block), ("random", None)):
         torch.manual_seed(job.seed(base_seed))
-        starts[init] = build_candidate(job.name, job.spec, teacher)
-    errors = {init: evaluate_nmse(m, x[:n], y[:n]) for init, m in starts.items()}
+        module = build_candidate(job.name, job.spec, teacher)
+        if module is not None:  # a candidate cut from the teacher has no random start
+            starts[init] = module
+    errors = {init: evaluate_nmse(m, x[:n], y[:n], context=context) for init, m in starts.items()}
     best = min(errors, key=errors.get)
     return starts[best], best
 

@@ -9,7 +9,8 @@ alone afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,14 +47,18 @@ def freeze_outside(model: nn.Module, scopes: Sequence[str] | None) -> list[Remov
 
 @torch.no_grad()
 def recalibrate_bn(
-    model: nn.Module, batches: Iterable[torch.Tensor], scopes: Sequence[str] | None = None
+    model: nn.Module,
+    batches: Iterable[Any],
+    scopes: Sequence[str] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
 ) -> nn.Module:
     """Recompute the running statistics of the BatchNorms in ``scopes`` (None: all) as exact
     averages over ``batches``.
 
     After short trainings the exponential running averages lag behind the weights, so the
     eval-mode network can sit far from the train-mode one; one clean pass fixes that.
-    Needs no labels. The model's train/eval mode is restored.
+    Needs no labels. The model's train/eval mode is restored. ``forward(model, batch)`` runs
+    a batch that is more than the input tensor (default: ``model(batch)``).
     """
     bns = batch_norms(model, scopes)
     if not bns:
@@ -66,8 +71,8 @@ def recalibrate_bn(
         bn.momentum = None  # cumulative average
         bn.train()
     try:
-        for x in batches:
-            model(x)
+        for batch in batches:
+            forward(model, batch) if forward else model(batch)
     finally:
         for bn, mom in zip(bns, momenta):
             bn.momentum = mom

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from archnet.blocks import FeatureCache
+from archnet.features import FeatureCache
 from archnet.results import FeaturesResult
 from archnet.stages import common
 from archnet.store import RunStore

@@ -87,17 +87,20 @@ def _choice_sizes(
 
 def _why_unserved(spec: BlockSpec, rejected: dict[str, str]) -> str:
     """Why only the teacher's own block can go at ``spec``, in words a user can act on."""
-    if len(spec.in_shape) != 3 or len(spec.out_shape) != 3:
+    if spec.layout not in ("nchw", "nhwc") and spec.in_shape[:-1] != spec.out_shape[:-1]:
         return (
-            f"its input {spec.in_shape} is not a (C, H, W) feature map; token-shaped blocks "
-            "(Transformers) are not supported yet"
+            f"its {spec.layout} stream {spec.in_shape} -> {spec.out_shape} changes length, and "
+            "the families serving that layout (skip, linear) keep it"
         )
     if spec.stride == 0:
         return f"it does not down-sample by an integer factor ({spec.in_shape} -> {spec.out_shape})"
     if rejected:
         reasons = "; ".join(f"{n}: {r}" for n, r in list(rejected.items())[:3])
         return f"the target or the MACs cap refused every candidate ({reasons})"
-    return "no candidate family builds a module for its shapes; widen --candidates"
+    return (
+        f"no selected candidate family builds a module for its {spec.layout} shapes; widen "
+        "--candidates"
+    )
 
 
 def _check_served(unserved: dict[str, str], n_blocks: int) -> None:

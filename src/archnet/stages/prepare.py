@@ -105,10 +105,7 @@ def create(store: RunStore, teacher: nn.Module, data: DataArg, eval_data: DataAr
     torch.save(teacher, store.path("teacher.pt"))
     store.save_config()
     result = PrepareResult(
-        blocks=[
-            {"name": s.name, "in_shape": list(s.in_shape), "out_shape": list(s.out_shape)}
-            for s in specs
-        ],
+        blocks=[s.to_dict() for s in specs],
         splits=parts.sizes,
         eval_source=parts.eval_source,
         labelled_eval="eval_labels" in parts.blob,
