@@ -287,3 +287,37 @@ def test_feature_cache_input_is_recorded_before_the_block_runs(tmp_path: Path) -
     FeatureCache(tmp_path).write(model, specs, images.clone(), "train")
     x, _ = FeatureCache(tmp_path).block("train", 0)
     np.testing.assert_allclose(x.astype(np.float32), images.numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_spec_round_trips_and_old_runs_read_as_nchw():
+    from archnet.context import ContextInput
+
+    spec = BlockSpec(
+        "layers.0",
+        (12, 16),
+        (12, 16),
+        "tokens",
+        (ContextInput("src_mask"), ContextInput("is_causal", tensor=False)),
+        2,
+    )
+    assert BlockSpec.from_dict(spec.to_dict()) == spec
+    old = {"name": "layer1.0", "in_shape": [16, 8, 8], "out_shape": [32, 4, 4]}
+    assert BlockSpec.from_dict(old) == BlockSpec("layer1.0", (16, 8, 8), (32, 4, 4))
+    assert BlockSpec.from_dict(old).stride == 2
+
+
+def test_nhwc_spec_reads_channels_and_stride_from_the_last_and_first_axes():
+    spec = BlockSpec("s", (8, 8, 16), (4, 4, 32), "nhwc")
+    assert (spec.in_ch, spec.out_ch, spec.stride) == (16, 32, 2)
+    assert spec.channels_first() == BlockSpec("s", (16, 8, 8), (32, 4, 4))
+
+
+def test_conv1d_blocks_read_as_channels_first_maps():
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv1d(1, 8, 5, padding=2), nn.ReLU()),
+        nn.Sequential(nn.Conv1d(8, 8, 3, padding=1), nn.ReLU()),
+        nn.Sequential(nn.Conv1d(8, 8, 3, padding=1), nn.ReLU()),
+    )
+    specs = find_blocks(model, (1, 64))
+    assert [s.layout for s in specs] == ["ncl"] * 3
+    assert (specs[1].in_ch, specs[1].in_shape) == (8, (8, 64))

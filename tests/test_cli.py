@@ -429,3 +429,14 @@ def test_targets_lists_archnet_5op(capsys, monkeypatch):
     assert code == 0
     names = {line.split("│")[1].strip() for line in out.splitlines() if "│" in line}
     assert {"archnet-5op", "archnet-5op-int"} <= names
+
+
+def test_input_size_takes_any_shape_of_positive_sizes():
+    from archnet.cli import _input_size
+    from archnet.errors import ArchnetError
+
+    assert _input_size("3,224,192") == (3, 224, 192)
+    assert _input_size("1,16000") == (1, 16000)
+    for bad in ("3,0,8", "a,b", ""):
+        with pytest.raises(ArchnetError, match="is not a list of positive sizes"):
+            _input_size(bad)

@@ -344,3 +344,30 @@ def test_real_fashion_mnist(fashion):
     assert abs(float(centre.mean())) < 0.01 and abs(float(centre.std()) - 1.0) < 0.01
     assert torch.allclose(train.images[:, :, :2], torch.tensor(ZERO))
     assert not torch.equal(train.images[:100], test.images[:100])
+
+
+def test_non_square_sizes_for_folders_and_fashion_mnist(tmp_path):
+    for i in range(2):
+        _png(tmp_path / "imgs" / f"{i}.png", 40 * i, size=(30, 20))
+    d = load_images(tmp_path / "imgs", size=(8, 12))
+    assert d.images.shape == (2, 3, 8, 12)
+    root = _fashion_dir(tmp_path / "fm")
+    assert load_data(f"fashion-mnist:{root}", size=(32, 40), channels=1).images.shape == (
+        20,
+        1,
+        32,
+        40,
+    )
+
+
+def test_tensor_inputs_of_any_shape(tmp_path):
+    """1-D frames: the tensor file's own shape, named by the input size; images need C,H,W."""
+    x = torch.randn(6, 1, 100)
+    torch.save(x, tmp_path / "frames.pt")
+    d = load_data(str(tmp_path / "frames.pt"), size=0, channels=0, shape=(1, 100))
+    assert torch.equal(d.images, x)
+    with pytest.raises(ArchnetError, match=r"expected \(N, 1, 50\)"):
+        load_data(str(tmp_path / "frames.pt"), size=0, channels=0, shape=(1, 50))
+    _png(tmp_path / "imgs" / "a.png", 10)
+    with pytest.raises(ArchnetError, match="is not C,H,W"):
+        load_data(str(tmp_path / "imgs"), size=0, channels=0, shape=(1, 100))

@@ -1,4 +1,4 @@
-"""Replace-one-block scoring, top-1 and rank correlation."""
+"""Replace-one-block scoring and rank correlation."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from torch import nn
 
 from archnet.blocks import BlockSpec, find_blocks
 from archnet.candidates import build_candidate
-from archnet.score import logits_of, replace_one_block, spearman, swapped, top1
+from archnet.score import replace_one_block, spearman, swapped
+from archnet.tasks import get_task
 from archnet.zoo import create_model
+
+TASK = get_task("classification")
 
 SHAPE = (3, 16, 16)
 
@@ -59,51 +62,37 @@ def test_swapped_restores_when_body_raises(teacher: nn.Module) -> None:
 
 
 def test_replace_with_own_block_copy_gives_zero_kl(teacher: nn.Module, specs, images) -> None:
-    t_logits = logits_of(teacher, images)
+    t_logits = TASK.outputs(teacher, images)
     for spec in specs:
         block = teacher.get_submodule(spec.name)
-        out = replace_one_block(teacher, spec.name, copy.deepcopy(block), images, t_logits)
+        out = replace_one_block(TASK, teacher, spec.name, copy.deepcopy(block), images, t_logits)
         assert set(out) == {"kl"}
         assert out["kl"] == pytest.approx(0.0, abs=1e-6)
         assert teacher.get_submodule(spec.name) is block
 
 
 def test_replace_with_random_candidate_gives_positive_kl(teacher: nn.Module, specs, images) -> None:
-    t_logits = logits_of(teacher, images)
+    t_logits = TASK.outputs(teacher, images)
     spec = specs[2]
     block = teacher.get_submodule(spec.name)
     torch.manual_seed(0)
     candidate = build_candidate("mbconv_k3_e3_relu", spec)
-    out = replace_one_block(teacher, spec.name, candidate, images, t_logits)
+    out = replace_one_block(TASK, teacher, spec.name, candidate, images, t_logits)
     assert out["kl"] > 1e-3
     assert teacher.get_submodule(spec.name) is block
-    torch.testing.assert_close(logits_of(teacher, images), t_logits)  # teacher unchanged
+    torch.testing.assert_close(TASK.outputs(teacher, images), t_logits)  # teacher unchanged
 
 
 def test_replace_one_block_reports_top1(teacher: nn.Module, specs, images) -> None:
-    t_logits = logits_of(teacher, images)
+    t_logits = TASK.outputs(teacher, images)
     labels = t_logits.argmax(-1)
     spec = specs[1]
     same = copy.deepcopy(teacher.get_submodule(spec.name))
-    out = replace_one_block(teacher, spec.name, same, images, t_logits, images, labels)
+    out = replace_one_block(TASK, teacher, spec.name, same, images, t_logits, images, labels)
     assert out["top1"] == pytest.approx(100.0)
     wrong = (labels + 1) % 10
-    out = replace_one_block(teacher, spec.name, same, images, t_logits, images, wrong)
+    out = replace_one_block(TASK, teacher, spec.name, same, images, t_logits, images, wrong)
     assert out["top1"] == pytest.approx(0.0)
-
-
-def test_logits_of_batches_like_one_forward(teacher: nn.Module, images) -> None:
-    with torch.no_grad():
-        full = teacher(images)
-    torch.testing.assert_close(logits_of(teacher, images, batch_size=5), full, rtol=1e-5, atol=1e-5)
-
-
-def test_top1() -> None:
-    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [0.0, 0.0, 5.0], [1.0, 0.0, 0.0]])
-    assert top1(logits, torch.tensor([0, 1, 2, 0])) == pytest.approx(100.0)
-    assert top1(logits, torch.tensor([0, 1, 0, 2])) == pytest.approx(50.0)
-    assert top1(logits, torch.tensor([1, 2, 0, 2])) == pytest.approx(0.0)
-    assert isinstance(top1(logits, torch.tensor([0, 1, 2, 0])), float)
 
 
 def test_spearman() -> None:

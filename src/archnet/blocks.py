@@ -17,9 +17,9 @@ from torch import nn
 from archnet.context import ContextInput, context_names, split_call, stream_of
 from archnet.errors import ArchnetError
 
-LAYOUTS = ("nchw", "nhwc", "tokens", "vector")
-# the channel axis of each layout, in a shape without the batch dimension
-_CHANNEL_AXIS = {"nchw": 0, "nhwc": -1, "tokens": -1, "vector": -1}
+LAYOUTS = ("nchw", "nhwc", "ncl", "tokens", "vector")
+# the channel axis of each layout, in a shape without the batch dimension (ncl: 1-D conv maps)
+_CHANNEL_AXIS = {"nchw": 0, "nhwc": -1, "ncl": 0, "tokens": -1, "vector": -1}
 _SPATIAL_AXES = {"nchw": (1, 2), "nhwc": (0, 1)}
 
 
@@ -149,7 +149,12 @@ def _layout(first_layer: nn.Module | None, in_shape: tuple[int, ...]) -> str:
     if len(in_shape) == 1:
         return "vector"
     if len(in_shape) == 2:
-        return "tokens"
+        one_d = (
+            isinstance(first_layer, (nn.Conv1d, nn.BatchNorm1d))
+            and getattr(first_layer, "in_channels", getattr(first_layer, "num_features", None))
+            == in_shape[0]
+        )
+        return "ncl" if one_d else "tokens"
     channels_first = (
         isinstance(first_layer, (nn.Conv2d, nn.BatchNorm2d))
         and getattr(first_layer, "in_channels", getattr(first_layer, "num_features", None))

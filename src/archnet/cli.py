@@ -32,8 +32,11 @@ def _input_size(text: str | None) -> tuple[int, ...] | None:
         dims = tuple(int(v) for v in text.split(","))
     except ValueError:
         dims = ()
-    if len(dims) != 3 or min(dims) <= 0:
-        raise ArchnetError(f"--input-size {text!r} is not C,H,W (e.g. 3,224,224)")
+    if not dims or min(dims) <= 0:
+        raise ArchnetError(
+            f"--input-size {text!r} is not a list of positive sizes: C,H,W for images "
+            "(3,224,192), any shape for tensor data (1,16000 for audio frames)"
+        )
     return dims
 
 
@@ -335,7 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="images to evaluate on, never used for a choice (default: the data set's test "
         "split, else a part carved out of --data)",
     )
-    c.add_argument("--input-size", help="C,H,W (default: the model's, e.g. timm's pretrained cfg)")
+    c.add_argument(
+        "--input-size",
+        help="C,H,W, or any shape for tensor data (default: the model's, e.g. timm's pretrained cfg)",
+    )
     c.add_argument("--target", help="built-in target name or a .toml file (default cpu-ort)")
     c.add_argument("--budget", help="latency budget: fraction of the teacher ('0.5') or '2.5ms'")
     c.add_argument(

@@ -36,6 +36,7 @@ class LatencyConfig:
 @dataclass
 class ConvertConfig:
     model: str = "zoo:tiny_effnet"  # how the teacher was given: 'timm:NAME', 'zoo:NAME', 'pkg.mod:fn', 'python'
+    task: str = "classification"  # what the model's inputs and outputs are (archnet.tasks)
     checkpoint: str | None = None
     data: str = "digits"
     eval_data: str | None = (
@@ -86,8 +87,10 @@ class ConvertConfig:
         """Fail on any bad option before hours of work, not at the stage that first reads it."""
         from archnet.candidates import list_candidates
         from archnet.targets import load_target
+        from archnet.tasks import get_task
 
         check_types(self)
+        get_task(self.task)
         load_target(self.target)
         parse_budget(self.budget, "latency")
         for what, text in (("params", self.params_budget), ("macs", self.macs_budget)):

@@ -13,7 +13,6 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -38,8 +37,8 @@ from archnet.quant import (
     strip_quantizers,
 )
 from archnet.results import ExportResult
-from archnet.score import logits_of, top1
 from archnet.targets import Target, check_report
+from archnet.tasks import Task, get_task
 
 
 def export_and_measure(
@@ -52,13 +51,16 @@ def export_and_measure(
     out_dir: Path,
     eval_images: torch.Tensor,
     eval_labels: torch.Tensor | None = None,
+    task: Task | None = None,
 ) -> ExportResult:
     """Write teacher.onnx and student.onnx (plus student_fp32.onnx when quantized), check them
     against PyTorch and the target, and time them and their parts interleaved.
 
     ``latency`` is a :class:`archnet.config.LatencyConfig`; ``eval_images`` check the export
-    and, for a quantized student, measure it as the runtime deploys it.
+    and, for a quantized student, measure it as the runtime deploys it (through ``task``'s
+    outputs and metrics; image classification by default).
     """
+    task = task or get_task("classification")
     x = _batch(eval_images, input_shape[0])
     quantized = is_quantized(student)
     networks = {"teacher": teacher, "student": student}
@@ -96,7 +98,7 @@ def export_and_measure(
     quantization = None
     if quantized:
         quantization = {
-            **deployed_agreement(student, protos["student"], eval_images, eval_labels),
+            **deployed_agreement(task, student, protos["student"], eval_images, eval_labels),
             "output_step": step,
             "tensors": qdq_report(protos["student"]),
             "size_bits": model_size_bits(student),
@@ -162,22 +164,24 @@ def timing_items(
 
 
 def deployed_agreement(
+    task: Task,
     student: nn.Module,
     proto: onnx.ModelProto,
-    images: torch.Tensor,
-    labels: torch.Tensor | None,
+    inputs: torch.Tensor,
+    targets: torch.Tensor | None,
 ) -> dict[str, Any]:
     """The QDQ student as onnxruntime deploys it (all graph optimisations, integer kernels)
     against its PyTorch self: output drift and argmax agreement, and top-1 where labelled."""
-    expected = logits_of(student, images).numpy()
-    got = ort_outputs(proto, images)
+    expected = task.outputs(student, inputs)
+    got = torch.from_numpy(ort_outputs(proto, inputs))
+    agree = task.agreement(got, expected)
     out: dict[str, Any] = {
-        "runtime_max_abs_diff": float(np.abs(got - expected).max()),
-        "runtime_argmax_agreement": float((got.argmax(1) == expected.argmax(1)).mean()),
+        "runtime_max_abs_diff": float((got - expected).abs().max()),
+        "runtime_argmax_agreement": agree["argmax_agreement"],
         "runtime_top1": None,
     }
-    if labels is not None:
-        out["runtime_top1"] = top1(torch.from_numpy(got), labels)
+    if targets is not None:
+        out["runtime_top1"] = task.metrics(got, targets).get("top1")
     return out
 
 

@@ -26,9 +26,11 @@ from .datasets import (
 )
 from .files import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, TENSOR_EXTENSIONS, load_images
 from .idx import read_idx
-from .imagedata import ImageData, batches, check_finite
+from .imagedata import ImageData, Size, batches, check_finite, height_width
 
 __all__ = [
+    "Size",
+    "height_width",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR",
     "IMAGE_EXTENSIONS",
@@ -75,8 +77,15 @@ def _not_a_name(spec: str | Path) -> None:
         )
 
 
-def load_data(spec: str | Path, size: int, channels: int = 3, split: str = "train") -> ImageData:
-    """Load a dataset's split, or the images at a path, at (channels, size, size).
+def load_data(
+    spec: str | Path,
+    size: Size,
+    channels: int = 3,
+    split: str = "train",
+    shape: tuple[int, ...] | None = None,
+) -> ImageData:
+    """Load a dataset's split, or the data at a path, at (channels, H, W) (``size``: a side or
+    (H, W)); a tensor file may hold inputs of any ``shape`` (default: (channels, H, W)).
 
     Every source is checked for NaN and infinity here, so bad data fails at load and not at
     the ONNX check at the end of a run.
@@ -94,12 +103,12 @@ def load_data(spec: str | Path, size: int, channels: int = 3, split: str = "trai
         )
     else:
         _not_a_name(spec)
-        data = load_images(spec, size=size, channels=channels)
+        data = load_images(spec, size=size, channels=channels, shape=shape)
     check_finite(data.images, data.source)
     return data
 
 
-def test_split(spec: str | Path, size: int, channels: int = 3) -> ImageData | None:
+def test_split(spec: str | Path, size: Size, channels: int = 3) -> ImageData | None:
     """The named dataset's official test split; None for paths and sets without one (digits)."""
     named = _named(spec)
     if named is None or "test" not in named[0].splits:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from archnet.errors import ArchnetError
 
 from .idx import read_idx
-from .imagedata import ImageData
+from .imagedata import ImageData, Size, height_width
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -100,7 +100,7 @@ def parse_dataset(spec: str) -> tuple[Dataset, Path | None] | None:
 
 
 # --- digits ----------------------------------------------------------------------------------
-def digits(size: int = 32, channels: int = 3) -> ImageData:
+def digits(size: Size = 32, channels: int = 3) -> ImageData:
     """scikit-learn's 1797 8x8 digits, bilinearly upscaled and normalized to [-1, 1].
 
     The set ships inside scikit-learn, so demos and tests run without any download.
@@ -109,8 +109,8 @@ def digits(size: int = 32, channels: int = 3) -> ImageData:
 
     bunch = load_digits()
     x = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32)).unsqueeze(1) / 16.0
-    if size != 8:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    if height_width(size) != (8, 8):
+        x = F.interpolate(x, size=height_width(size), mode="bilinear", align_corners=False)
     x = x.clamp_(0.0, 1.0).repeat(1, channels, 1, 1)
     x = (x - 0.5) / 0.5
     labels = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
@@ -179,18 +179,20 @@ def fashion_mnist_missing(root: Path | None = None) -> str | None:
     )
 
 
-def _pixels(images: np.ndarray, size: int, channels: int) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> normalized float32 (N, channels, size, size).
+def _pixels(images: np.ndarray, size: Size, channels: int) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> normalized float32 (N, channels, H, W).
 
     32 is reached by zero-padding (the background is 0, and 32 keeps every stride-2 stage even);
     any other size is a bilinear resize, antialiased when shrinking.
     """
     x = torch.from_numpy(images).unsqueeze(1).float().div_(255.0)
-    if size == _SIDE + 4:
+    h, w = height_width(size)
+    if (h, w) == (_SIDE + 4, _SIDE + 4):
         x = F.pad(x, (2, 2, 2, 2))
-    elif size != _SIDE:
+    elif (h, w) != (_SIDE, _SIDE):
+        shrink = min(h, w) < _SIDE
         x = F.interpolate(
-            x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < _SIDE
+            x, size=(h, w), mode="bilinear", align_corners=False, antialias=shrink
         ).clamp_(0.0, 1.0)
     x = x.sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
     return x.repeat(1, channels, 1, 1) if channels != 1 else x
@@ -214,7 +216,7 @@ def _read_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fashion_mnist(
-    split: str = "train", size: int = 32, channels: int = 1, root: str | Path | None = None
+    split: str = "train", size: Size = 32, channels: int = 1, root: str | Path | None = None
 ) -> ImageData:
     """Fashion-MNIST's 60,000 train or 10,000 test images with their ten class labels."""
     missing = fashion_mnist_missing(None if root is None else Path(root))

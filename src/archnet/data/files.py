@@ -13,7 +13,7 @@ import torch
 
 from archnet.errors import ArchnetError
 
-from .imagedata import ImageData, normalize
+from .imagedata import ImageData, Size, height_width, normalize
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -38,19 +38,21 @@ def _folder_norm(x: torch.Tensor, channels: int) -> torch.Tensor:
     return normalize(x, (0.5,), (0.5,))
 
 
-def _read_image(path: Path, size: int, channels: int) -> torch.Tensor:
-    """Read, resize the short side to `size`, centre-crop, return (C, size, size) in [0, 1]."""
+def _read_image(path: Path, size: Size, channels: int) -> torch.Tensor:
+    """Read, resize to cover (H, W) keeping the aspect ratio, centre-crop, return (C, H, W)
+    in [0, 1]."""
     from PIL import Image, UnidentifiedImageError
 
+    out_h, out_w = height_width(size)
     try:
         with Image.open(path) as img:
             img = img.convert("RGB" if channels == 3 else "L")
             w, h = img.size
-            scale = size / min(w, h)
-            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            scale = max(out_h / h, out_w / w)
+            nw, nh = max(out_w, round(w * scale)), max(out_h, round(h * scale))
             img = img.resize((nw, nh), Image.BILINEAR)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            img = img.crop((left, top, left + size, top + size))
+            left, top = (nw - out_w) // 2, (nh - out_h) // 2
+            img = img.crop((left, top, left + out_w, top + out_h))
             arr = np.asarray(img, dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ArchnetError(
@@ -67,7 +69,7 @@ def _image_files(root: Path) -> list[Path]:
     )
 
 
-def _load_folder(root: Path, size: int, channels: int) -> ImageData:
+def _load_folder(root: Path, size: Size, channels: int) -> ImageData:
     files = _image_files(root)
     if not files:
         raise ArchnetError(
@@ -88,7 +90,9 @@ def _load_folder(root: Path, size: int, channels: int) -> ImageData:
     )
 
 
-def _load_tensor_file(path: Path, size: int, channels: int) -> ImageData:
+def _load_tensor_file(path: Path, shape: tuple[int, ...]) -> ImageData:
+    """An (N, *shape) tensor, or a dict with ``images`` and ``labels``: any input shape
+    (images, 1-D frames, token features), already as the model takes it."""
     labels = None
     try:
         if path.suffix.lower() == ".npy":
@@ -113,13 +117,13 @@ def _load_tensor_file(path: Path, size: int, channels: int) -> ImageData:
             f"{path} holds a {type(obj).__name__}, not a tensor; save an (N, C, H, W) tensor"
         )
     x = obj.float()
-    if x.ndim == 3 and channels == 1:
-        x = x.unsqueeze(1)
-    want = (channels, size, size)
-    if x.ndim != 4 or tuple(x.shape[1:]) != want:
+    if x.ndim == len(shape) and shape[0] == 1 and len(shape) == 3:
+        x = x.unsqueeze(1)  # (N, H, W) grayscale images
+    if tuple(x.shape[1:]) != tuple(shape):
+        dims = ", ".join(map(str, shape))
         raise ArchnetError(
-            f"{path} holds images of shape {tuple(obj.shape)}; expected (N, {channels}, "
-            f"{size}, {size}), already normalized for the model"
+            f"{path} holds inputs of shape {tuple(obj.shape)}; expected (N, {dims}), already "
+            "normalized for the model (or pass the --input-size they have)"
         )
     if labels is not None:
         labels = torch.as_tensor(np.asarray(labels)).long().reshape(-1)
@@ -131,16 +135,24 @@ def _load_tensor_file(path: Path, size: int, channels: int) -> ImageData:
     return ImageData(images=x.contiguous(), labels=labels, source=str(path))
 
 
-def load_images(path: str | Path, size: int, channels: int = 3) -> ImageData:
-    """Load a folder of images (sub-folders as classes), one image, or an (N, C, H, W) tensor."""
+def load_images(
+    path: str | Path, size: Size, channels: int = 3, shape: tuple[int, ...] | None = None
+) -> ImageData:
+    """Load a folder of images (sub-folders as classes), one image (both resized to ``size``,
+    a side or (H, W)), or an (N, *shape) tensor file (``shape`` defaults to (C, H, W))."""
     p = Path(path).expanduser()
     if not p.exists():
         raise ArchnetError(f"data path {p} does not exist; {WHAT_TO_PASS}")
-    if p.is_dir():
-        return _load_folder(p, size, channels)
     suffix = p.suffix.lower()
     if suffix in TENSOR_EXTENSIONS:
-        return _load_tensor_file(p, size, channels)
+        return _load_tensor_file(p, shape or (channels, *height_width(size)))
+    if shape is not None and len(shape) != 3:
+        raise ArchnetError(
+            f"{p} holds images, but the input size {tuple(shape)} is not C,H,W; save the inputs "
+            "as an (N, ...) .pt/.npy tensor"
+        )
+    if p.is_dir():
+        return _load_folder(p, size, channels)
     if suffix in IMAGE_EXTENSIONS:
         x = _read_image(p, size, channels).unsqueeze(0)
         return ImageData(images=_folder_norm(x, channels), source=str(p))

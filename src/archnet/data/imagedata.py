@@ -57,6 +57,17 @@ class ImageData:
         return self.take(torch.arange(n), f":{n}")
 
 
+Size = int | tuple[int, int]  # an image side, or (height, width)
+
+
+def height_width(size: Size) -> tuple[int, int]:
+    """``32 -> (32, 32)``; ``(32, 48)`` as it is."""
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """Per-channel (x - mean) / std; one-value mean/std apply to every channel."""
     c = x.shape[1]

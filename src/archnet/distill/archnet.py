@@ -27,7 +27,8 @@ from torch import nn
 
 from archnet.distill.bn import freeze_outside, recalibrate_bn
 from archnet.distill.finetune import _FeatureTap, random_shift
-from archnet.distill.losses import kd_kl, nmse
+from archnet.distill.losses import nmse
+from archnet.tasks import Task, get_task
 
 
 @dataclass
@@ -244,8 +245,10 @@ def arch_distill(
     seed: int = 0,
     on_step: Callable[[float], None] | None = None,
     changed: Sequence[str] | None = None,
+    task: Task | None = None,
 ) -> dict[str, list[float]]:
-    """Train ``student`` in place to match ``teacher`` on unlabeled ``images``.
+    """Train ``student`` in place to match ``teacher`` on unlabeled ``images``; the logit term
+    is ``task``'s distillation loss (KL of class distributions by default).
 
     ``changed`` names the modules the student changed (None: all): only their BatchNorm
     statistics move; the rest keep the teacher's (see :mod:`archnet.distill.bn`).
@@ -260,6 +263,7 @@ def arch_distill(
     asked to close, and the logit term already judges the raw student that gets deployed.
     Teacher Attention is switched off there so the student learns to stand alone.
     """
+    task = task or get_task("classification")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     teacher = teacher.eval()
@@ -338,8 +342,8 @@ def arch_distill(
 
             def global_loss(x: torch.Tensor) -> torch.Tensor:
                 with torch.no_grad():
-                    t_logits = teacher(x)
-                kl = kd_kl(student(x), t_logits, cfg.temperature)
+                    t_out = teacher(x)
+                kl = task.distill_loss(student(x), t_out, cfg.temperature)
                 kls.append(kl.item())
                 if not names:
                     return cfg.logit_weight * kl

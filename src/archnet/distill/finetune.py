@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from archnet.distill.bn import freeze_outside, recalibrate_bn
-from archnet.distill.losses import kd_kl, nmse
+from archnet.distill.losses import nmse
+from archnet.tasks import Task, get_task
 
 
 @dataclass
@@ -65,12 +66,15 @@ def finetune(
     seed: int = 0,
     on_step: Callable[[float], None] | None = None,
     changed: Sequence[str] | None = None,
+    task: Task | None = None,
 ) -> list[float]:
-    """Train ``student`` in place to match ``teacher``; returns the per-epoch loss.
+    """Train ``student`` in place to match ``teacher`` by ``task``'s distillation loss (KL of
+    class distributions by default); returns the per-epoch loss.
 
     ``changed`` names the modules the student changed (None: all): only their BatchNorm
     statistics move; the rest keep the teacher's (see :mod:`archnet.distill.bn`).
     """
+    task = task or get_task("classification")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     teacher = teacher.eval()
@@ -90,8 +94,8 @@ def finetune(
             for lo in range(0, n, cfg.batch_size):
                 x = random_shift(images[perm[lo : lo + cfg.batch_size]].float(), cfg.shift, gen)
                 with torch.no_grad():
-                    t_logits = teacher(x)
-                loss = kd_kl(student(x), t_logits, cfg.temperature)
+                    t_out = teacher(x)
+                loss = task.distill_loss(student(x), t_out, cfg.temperature)
                 if names:
                     feats = sum(nmse(s_tap.out[k], t_tap.out[k]) for k in names) / len(names)
                     loss = loss + cfg.feature_weight * feats

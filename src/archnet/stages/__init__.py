@@ -91,6 +91,7 @@ STAGES: list[Stage] = [
         "prepare.json",
         keys=(
             "model",
+            "task",
             "checkpoint",
             "data",
             "eval_data",

@@ -11,7 +11,6 @@ import hashlib
 import json
 
 from archnet.results import AblationResult, PoolResult, SearchOutcome
-from archnet.score import agreement, logits_of, top1
 from archnet.stages import common
 from archnet.stages.assemble import build_student, train_student
 from archnet.store import RunStore, read_json, write_json
@@ -28,8 +27,9 @@ def run(store: RunStore) -> AblationResult:
     seeds = [store.config.seed + i for i in range(store.config.ablation_seeds)]
     if not store.config.ablation or common.mode(store) != "archnet":
         return AblationResult(seeds=[], rows={}, skipped=True)
-    images, labels = store.images("eval"), store.labels("eval")
-    t_out = logits_of(store.teacher, images)
+    task = common.task(store)
+    inputs, targets = task.inputs(store, "eval"), task.targets(store, "eval")
+    t_out = task.outputs(store.teacher, inputs)
     rows: dict[str, dict[str, list[float]]] = {}
     folder = store.path("ablation")
     folder.mkdir(exist_ok=True)
@@ -43,10 +43,10 @@ def run(store: RunStore) -> AblationResult:
             except (ValueError, KeyError, TypeError):
                 student, _, changed = build_student(store)
                 train_student(store, student, cfg, f"{label} (seed {seed})", changed, seed=seed)
-                s_out = logits_of(student, images)
-                metrics = {"kl": agreement(s_out, t_out)["kl"]}
-                if labels is not None:
-                    metrics["top1"] = top1(s_out, labels)
+                s_out = task.outputs(student, inputs)
+                metrics = {"kl": task.divergence(s_out, t_out)}
+                if targets is not None:
+                    metrics.update(task.metrics(s_out, targets))
                 write_json(part, {"variant": label, "seed": seed, "metrics": metrics})
             for metric, value in metrics.items():
                 rows.setdefault(label, {}).setdefault(metric, []).append(value)

@@ -17,12 +17,10 @@ from torch import nn
 from archnet.choices import parse_choice
 from archnet.distill.blockwise import load_candidate
 from archnet.distill.finetune import assemble
-from archnet.distill.losses import kd_kl
 from archnet.flops import count_macs, count_params
 from archnet.opconvert import split_wide_layers
 from archnet.quant import model_size_bits
 from archnet.results import AssembleResult, SearchOutcome
-from archnet.score import logits_of
 from archnet.stages import common
 from archnet.stages.distill import all_jobs
 from archnet.stages.features import cache
@@ -97,7 +95,7 @@ def build_student(store: RunStore) -> tuple[nn.Module, list[list[str]], list[str
     if common.mode(store) == "archnet" and cap:
         # candidates were trained unsplit; the split is exact, so it is applied once, here
         split_wide_layers(student, cap)
-    common.quantize_outside(store, student, store.images("train")[:256])
+    common.quantize_outside(store, student, common.task(store).inputs(store, "train")[:256])
     swapped = [
         spec.name
         for spec, name in zip(common.specs(store), names)
@@ -118,21 +116,23 @@ def train_student(
     from archnet.distill.archnet import arch_distill, total_steps
     from archnet.distill.finetune import finetune
 
-    images = store.images("train")
+    task = common.task(store)
+    images = task.inputs(store, "train")
     names = [s.name for s in common.specs(store)]
-    kw = {"seed": store.config.seed if seed is None else seed, "changed": changed}
+    kw = {"seed": store.config.seed if seed is None else seed, "changed": changed, "task": task}
     with common.progress_bar() as bar:
         if common.mode(store) == "archnet":
-            task = bar.add_task(label, total=total_steps(len(images), len(names), arch_cfg))
-            step = lambda _loss: bar.advance(task)  # noqa: E731
+            line = bar.add_task(label, total=total_steps(len(images), len(names), arch_cfg))
+            step = lambda _loss: bar.advance(line)  # noqa: E731
             return arch_distill(student, store.teacher, images, names, arch_cfg, on_step=step, **kw)
         cfg = store.config.finetune
-        task = bar.add_task(label, total=cfg.epochs * -(-len(images) // cfg.batch_size))
-        step = lambda _loss: bar.advance(task)  # noqa: E731
+        line = bar.add_task(label, total=cfg.epochs * -(-len(images) // cfg.batch_size))
+        step = lambda _loss: bar.advance(line)  # noqa: E731
         return finetune(student, store.teacher, images, cfg, names, on_step=step, **kw)
 
 
 def selection_kl(store: RunStore, model: nn.Module) -> float:
     """KL of ``model``'s outputs from the teacher's on the selection split."""
-    t_logits = torch.from_numpy(np.array(cache(store).load("selection", "logits")))
-    return float(kd_kl(logits_of(model, store.images("selection")), t_logits))
+    task = common.task(store)
+    t_out = torch.from_numpy(np.array(cache(store).load("selection", "logits")))
+    return float(task.distill_loss(task.outputs(model, task.inputs(store, "selection")), t_out))

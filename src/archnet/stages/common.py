@@ -20,8 +20,14 @@ from archnet.quant import QuantConfig, parse_bits, prepare_qat
 from archnet.results import PoolResult
 from archnet.store import RunStore
 from archnet.targets import Target, load_target
+from archnet.tasks import Task, get_task
 
 console = Console(stderr=True)
+
+
+def task(store: RunStore) -> Task:
+    """The run's task: what its data and outputs are (see ``archnet.tasks``)."""
+    return get_task(store.config.task)
 
 
 @contextmanager

@@ -8,26 +8,26 @@ than reported as if nothing were amiss.
 from __future__ import annotations
 
 from archnet.results import EvaluationResult
-from archnet.score import agreement, logits_of, top1
 from archnet.stages import common
 from archnet.stages.assemble import load_student
 from archnet.store import RunStore
 
 
 def run(store: RunStore) -> EvaluationResult:
-    images, labels = store.images("eval"), store.labels("eval")
-    t_out = logits_of(store.teacher, images)
-    s_out = logits_of(load_student(store), images)
+    task = common.task(store)
+    inputs, targets = task.inputs(store, "eval"), task.targets(store, "eval")
+    t_out = task.outputs(store.teacher, inputs)
+    s_out = task.outputs(load_student(store), inputs)
     teacher, student = {}, {}
-    if labels is not None:
-        teacher["top1"], student["top1"] = top1(t_out, labels), top1(s_out, labels)
-    agree = agreement(s_out, t_out)
+    if targets is not None:
+        teacher, student = task.metrics(t_out, targets), task.metrics(s_out, targets)
+    agree = task.agreement(s_out, t_out)
     warnings = poor_agreement(agree)
     for w in warnings:
         common.warn(w)
     return EvaluationResult(
-        images=len(images),
-        labelled=labels is not None,
+        images=len(inputs),
+        labelled=targets is not None,
         teacher=teacher,
         student=student,
         agreement=agree,

@@ -18,6 +18,7 @@ def run(store: RunStore) -> ExportResult:
         store.config.latency,
         common.input_shape(store),
         store.root,
-        store.images("eval"),
-        store.labels("eval"),
+        common.task(store).inputs(store, "eval"),
+        common.task(store).targets(store, "eval"),
+        common.task(store),
     )

@@ -19,9 +19,9 @@ def run(store: RunStore) -> FeaturesResult:
     sizes = {}
     with common.progress_bar() as bar:
         for split in SPLITS:
-            images = store.images(split)
-            features.write(store.teacher, common.specs(store), images, split, progress=bar)
-            sizes[split] = len(images)
+            inputs = common.task(store).inputs(store, split)
+            features.write(store.teacher, common.specs(store), inputs, split, progress=bar)
+            sizes[split] = len(inputs)
     return FeaturesResult(splits=sizes)
 
 

@@ -53,8 +53,21 @@ def as_image_data(data: DataArg, config: ConvertConfig, split: str = "train") ->
     if isinstance(data, torch.Tensor):
         check_finite(data, "tensor")
         return ImageData(images=data.float(), source="tensor")
-    c, h = config.input_size[0], config.input_size[1]
-    return load_data(str(data), size=h, channels=c, split=split)
+    return _load(str(data), tuple(config.input_size), split)
+
+
+def _load(spec: str, input_size: tuple[int, ...], split: str) -> ImageData:
+    """``spec``'s data at the model's input size: images resized to (H, W) of a C,H,W size;
+    tensor files taken at any size."""
+    if len(input_size) == 3:
+        c, h, w = input_size
+        return load_data(spec, size=(h, w), channels=c, split=split, shape=input_size)
+    if native_input_size(spec) is not None:
+        raise ArchnetError(
+            f"data set {spec} holds images, but the input size {input_size} is not C,H,W; pass "
+            "--input-size C,H,W or your own inputs as an (N, ...) .pt/.npy tensor"
+        )
+    return load_data(spec, size=0, channels=0, split=split, shape=input_size)
 
 
 @dataclass
@@ -126,12 +139,12 @@ def _evaluation(
     data: DataArg, eval_data: DataArg | None, cfg: ConvertConfig
 ) -> tuple[ImageData | None, str]:
     """The evaluation split when it is not carved out of the data, and where it came from."""
-    c, h = cfg.input_size[0], cfg.input_size[1]
     if eval_data is not None:
         ev = as_image_data(eval_data, cfg, split="test")
         return ev, f"given: {ev.source or 'eval_data'}"
-    if isinstance(data, str):
-        ev = test_split(data, size=h, channels=c)
+    if isinstance(data, str) and len(cfg.input_size) == 3:
+        c, h, w = cfg.input_size
+        ev = test_split(data, size=(h, w), channels=c)
         if ev is not None:
             return ev, f"the test split of {data}"
     return None, ""

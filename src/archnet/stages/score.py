@@ -23,16 +23,17 @@ def run(store: RunStore) -> ScoreResult:
     is labelled, the swapped teacher's top-1 on its first ``proxy_images`` images too (it only
     measures the proxies, no choice reads it)."""
     cfg, seed = store.config.blockwise, store.config.seed
-    images = store.images("selection")
-    t_logits = torch.from_numpy(np.array(cache(store).load("selection", "logits")))
+    task = common.task(store)
+    inputs = task.inputs(store, "selection")
+    t_out = torch.from_numpy(np.array(cache(store).load("selection", "logits")))
     cap = store.config.proxy_images
-    labels = store.labels("eval")
-    labels = labels[:cap] if labels is not None and cap > 0 else None
-    ev = store.images("eval")[:cap] if labels is not None else None
+    targets = task.targets(store, "eval")
+    targets = targets[:cap] if targets is not None and cap > 0 else None
+    ev = task.inputs(store, "eval")[:cap] if targets is not None else None
     scores: dict[str, dict[str, dict[str, float]]] = {}
     jobs = all_jobs(store, choices_only=True)
     with common.progress_bar() as bar:
-        task = bar.add_task("replace-one-block scores", total=len(jobs))
+        bar_task = bar.add_task("replace-one-block scores", total=len(jobs))
         for job in jobs:
             key = f"{job.key(cfg, seed)}:{cap}"  # a score is the job's on these images
             part = job.path.with_suffix(".score.json")
@@ -40,12 +41,12 @@ def run(store: RunStore) -> ScoreResult:
             if score is None:
                 module, metrics = load_candidate(job, common.teacher_block(store, job.spec))
                 score = replace_one_block(
-                    store.teacher, job.spec.name, module, images, t_logits, ev, labels
+                    task, store.teacher, job.spec.name, module, inputs, t_out, ev, targets
                 )
                 score["val_nmse"] = metrics["val_nmse"]
                 write_json(part, {"key": key, "score": score})
             scores.setdefault(job.spec.name, {})[job.name] = score
-            bar.advance(task)
+            bar.advance(bar_task)
     return ScoreResult(scores=scores)
 
 

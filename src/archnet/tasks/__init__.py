@@ -1,0 +1,12 @@
+"""What the pipeline knows of data and outputs, behind one object per kind of model.
+
+Stages never touch images, class logits or argmax themselves: they ask the run's ``Task`` for
+a split's inputs and targets, the model's outputs on them, the distillation loss between two
+outputs, the metrics a user reads, and how closely a student follows its teacher. Image
+classification is the first task; others (translation) register next to it.
+"""
+
+from archnet.tasks.base import Task, get_task, list_tasks, register_task
+from archnet.tasks.classification import ImageClassification
+
+__all__ = ["ImageClassification", "Task", "get_task", "list_tasks", "register_task"]

@@ -1,0 +1,80 @@
+"""The ``Task`` interface and its registry."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from archnet.errors import ArchnetError
+
+__all__ = ["Task", "get_task", "list_tasks", "register_task"]
+
+
+class Task(abc.ABC):
+    """Data and outputs of one kind of model, as every stage sees them."""
+
+    name: str = ""
+
+    def inputs(self, store: Any, split: str) -> torch.Tensor:
+        """The model inputs of a split (``train``, ``selection``, ``eval``) of a run."""
+        return store.images(split)
+
+    def targets(self, store: Any, split: str) -> torch.Tensor | None:
+        """The split's ground truth, None when unlabelled (conversions never train on it)."""
+        return store.labels(split)
+
+    @torch.no_grad()
+    def outputs(self, model: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> Any:
+        """The model's outputs on ``inputs``, in eval mode, batch by batch."""
+        model.eval()
+        parts = [model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
+        return torch.cat(parts)
+
+    @abc.abstractmethod
+    def distill_loss(
+        self, student_out: torch.Tensor, teacher_out: torch.Tensor, temperature: float = 1.0
+    ) -> torch.Tensor:
+        """The label-free loss that makes a student's outputs follow its teacher's."""
+
+    def divergence(self, student_out: torch.Tensor, teacher_out: torch.Tensor) -> float:
+        """How far a student's outputs are from the teacher's: the scores the search reads."""
+        return max(float(self.distill_loss(student_out, teacher_out)), 0.0)
+
+    @abc.abstractmethod
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """The figures a user reads on labelled data (top-1 for classifiers)."""
+
+    @abc.abstractmethod
+    def agreement(self, student_out: torch.Tensor, teacher_out: torch.Tensor) -> dict[str, float]:
+        """How closely a student's outputs follow its teacher's, labels or not."""
+
+    def example_inputs(self, input_shape: tuple[int, ...], batch_size: int) -> torch.Tensor:
+        """Inputs of the right shape and type for tracing, export and timing."""
+        return torch.randn(batch_size, *input_shape)
+
+
+_tasks: dict[str, Callable[[], Task]] = {}
+
+
+def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
+    def decorator(cls: type[Task]) -> type[Task]:
+        cls.name = name
+        _tasks[name] = cls
+        return cls
+
+    return decorator
+
+
+def list_tasks() -> list[str]:
+    return list(_tasks)
+
+
+def get_task(name: str) -> Task:
+    """The task registered as ``name``; one line naming the known ones otherwise."""
+    if name not in _tasks:
+        raise ArchnetError(f"unknown task {name!r}; use one of: {', '.join(_tasks)}")
+    return _tasks[name]()
