@@ -201,21 +201,12 @@ def test_zero_point_activations_export_exactly_and_verify(spec: str, int4: bool)
     """SiLU-fed inputs get a shifted unsigned grid: the QDQ graph carries its zero point,
     onnxruntime reproduces the fake-quant model and the checker proves the declared width."""
     from archnet.targets.qdq import VERIFIED, quantized_tensors
+    from tests.targets.graphs import tiny_quantized_classifier
 
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.SiLU(),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.SiLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 4),
-    ).eval()
-    quantize_model(model, QuantConfig.from_string(spec, first_last=None))
+    config = QuantConfig.from_string(spec, first_last=None)
+    model = tiny_quantized_classifier(nn.SiLU, config).eval()
     x = torch.randn(8, 3, 16, 16)
     with torch.no_grad():
-        model(x)
         expected = model(x).numpy()
     proto = export_qdq(model, (8, 3, 16, 16), int4=int4)
     zero_points = [e["zero_point"] for e in qdq_report(proto) if e["kind"] == "activation"]
@@ -225,7 +216,7 @@ def test_zero_point_activations_export_exactly_and_verify(spec: str, int4: bool)
     fc = model[6]
     step = fc.act_quant.step.item() * fc.weight_quant(fc.weight).abs().sum(1).max().item()
     for optimize in (False, True):
-        assert np.abs(_run(proto, torch.from_numpy(x.numpy()), optimize) - expected).max() < step
+        assert np.abs(_run(proto, x, optimize) - expected).max() < step
     tensors = quantized_tensors(proto)
     assert all(t.declaration == VERIFIED for t in tensors), tensors
     bits = int(spec[-1])

@@ -223,19 +223,22 @@ def computed_weight_conv(kernel_attr: bool = False, group: int = 1) -> GraphBuil
 # --- real quantized exports -----------------------------------------------------------------------
 
 
-def tiny_quantized_classifier() -> nn.Module:
-    """Conv, conv, pool, linear quantized w4a4, the first and last layer at 8 bits."""
+def tiny_quantized_classifier(
+    act: type[nn.Module] = nn.ReLU, config: QuantConfig | None = None
+) -> nn.Module:
+    """Conv, conv, pool, linear quantized w4a4 (or ``config``), the first and last layer at 8
+    bits, calibrated on 8 random 16x16 images."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(),
+        act(),
         nn.Conv2d(8, 8, 3, padding=1),
-        nn.ReLU(),
+        act(),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(8, 4),
     )
-    quantize_model(model, QuantConfig(4, 4, (8, 8)))
+    quantize_model(model, config or QuantConfig(4, 4, (8, 8)))
     calibrate(model, torch.randn(8, 3, 16, 16))
     return model
 
