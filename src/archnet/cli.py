@@ -42,6 +42,7 @@ def _input_size(text: str | None) -> tuple[int, ...] | None:
 
 # CLI options -> config keys (dotted for nested settings)
 _OPTIONS = {
+    "task": "task",
     "target": "target",
     "budget": "budget",
     "params_budget": "params_budget",
@@ -343,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="C,H,W, or any shape for tensor data (default: the model's, e.g. timm's pretrained cfg)",
     )
     c.add_argument("--target", help="built-in target name or a .toml file (default cpu-ort)")
+    c.add_argument(
+        "--task",
+        help="what the outputs are: 'classification' (one softmax, the default) or "
+        "'multilabel' (independent sigmoids): sets the distillation loss and the figures",
+    )
     c.add_argument("--budget", help="latency budget: fraction of the teacher ('0.5') or '2.5ms'")
     c.add_argument(
         "--params-budget", help="fraction of the teacher's parameters or a count ('1.5M')"

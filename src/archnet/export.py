@@ -38,7 +38,7 @@ from archnet.quant import (
 )
 from archnet.results import ExportResult
 from archnet.targets import Target, check_report
-from archnet.tasks import Task, get_task
+from archnet.tasks import Task, decisions, get_task
 
 
 def export_and_measure(
@@ -174,10 +174,10 @@ def deployed_agreement(
     against its PyTorch self: output drift and argmax agreement, and top-1 where labelled."""
     expected = task.outputs(student, inputs)
     got = torch.from_numpy(ort_outputs(proto, inputs))
-    agree = task.agreement(got, expected)
+    words, share = decisions(task.agreement(got, expected))
     out: dict[str, Any] = {
         "runtime_max_abs_diff": float((got - expected).abs().max()),
-        "runtime_argmax_agreement": agree["argmax_agreement"],
+        "runtime_agreement": {"what": words, "share": share},
         "runtime_top1": None,
     }
     if targets is not None:

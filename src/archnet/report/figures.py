@@ -215,7 +215,7 @@ def _quantization(
         "output_step": q["output_step"],
         "max_abs_diff": exp.max_abs_diff["student"],
         "runtime_max_abs_diff": q["runtime_max_abs_diff"],
-        "runtime_argmax_agreement": q["runtime_argmax_agreement"],
+        "runtime_agreement": q["runtime_agreement"],
         "runtime_top1": q["runtime_top1"],
         "size_bits": q["size_bits"],
         "fp32_size_bits": q["fp32_size_bits"],

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from archnet.tasks import METRICS, decisions
+
 
 def faster(speedup: float) -> str:
     """'2.10x faster' or '1.35x slower': a ratio below one reads badly as 'faster'."""
@@ -64,16 +66,18 @@ def render_markdown(rep: dict[str, Any]) -> str:
         f"| size, ONNX file (kB) | {kb(t['onnx_file_bytes'])} | {kb(s['onnx_file_bytes'])} | "
         f"{s['onnx_file_bytes'] / t['onnx_file_bytes']:.3f} |",
     ]
-    if "top1" in s:
-        lines.append(
-            f"| top-1, evaluation split (%) | {t['top1']:.2f} | {s['top1']:.2f} | "
-            f"{s['top1'] - t['top1']:+.2f} points |"
-        )
+    lines += [
+        f"| {label}, evaluation split (%) | {t[key]:.2f} | {s[key]:.2f} | "
+        f"{s[key] - t[key]:+.2f} points |"
+        for key, label in METRICS.items()
+        if key in s
+    ]
     a = rep["agreement"]
+    words, share = decisions(a)
     lines += [
         "",
-        f"Student vs teacher on the evaluation split: same class on "
-        f"{100 * a['argmax_agreement']:.1f}% of images, relative MSE of outputs "
+        f"Student vs teacher on the evaluation split: {words} on "
+        f"{100 * share:.1f}% of images, relative MSE of outputs "
         f"{a['relative_mse']:.4f}, cosine {a['cosine']:.4f}, KL {a['kl']:.4f}.",
     ]
     e2e = rep["end_to_end"]
@@ -205,8 +209,8 @@ def _quantization_lines(q: dict[str, Any] | None) -> list[str]:
         f"QDQ graph as written vs PyTorch fake-quant: max abs difference {q['max_abs_diff']:.2e}, "
         f"one output step {q['output_step']:.2e}. As onnxruntime deploys it (fused integer "
         f"kernels that round on their own), on the evaluation split: max abs difference "
-        f"{q['runtime_max_abs_diff']:.2e}, same class on "
-        f"{100 * q['runtime_argmax_agreement']:.1f}% of images"
+        f"{q['runtime_max_abs_diff']:.2e}, {q['runtime_agreement']['what']} on "
+        f"{100 * q['runtime_agreement']['share']:.1f}% of images"
         + (f", top-1 {q['runtime_top1']:.2f}%" if q.get("runtime_top1") is not None else "")
         + f". Size packed at bit width {kb(q['size_bits'], True)} kB vs "
         f"{kb(q['fp32_size_bits'], True)} kB as FP32; ONNX file {kb(q['onnx_file_bytes'])} kB "

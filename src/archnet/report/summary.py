@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from archnet.report.markdown import faster, kb, mean_std
+from archnet.tasks import METRICS, decisions
 
 
 def _ratio(s: float, t: float) -> str:
@@ -43,15 +44,17 @@ def print_summary(rep: dict, run_dir: Path, out: Console) -> None:
         f"{s['sum_of_parts_ms']:.3f}",
         f"additivity error {100 * rep['additivity_error']:.1f}%",
     )
-    if "top1" in s:
-        table.add_row(
-            f"top-1, {sp['eval']:,} eval images (%)",
-            f"{t['top1']:.2f}",
-            f"{s['top1']:.2f}",
-            f"{s['top1'] - t['top1']:+.2f} points",
-        )
+    for key, label in METRICS.items():
+        if key in s:
+            table.add_row(
+                f"{label}, {sp['eval']:,} eval images (%)",
+                f"{t[key]:.2f}",
+                f"{s[key]:.2f}",
+                f"{s[key] - t[key]:+.2f} points",
+            )
     agree = rep["agreement"]
-    table.add_row("same class as teacher (%)", "", f"{100 * agree['argmax_agreement']:.2f}", "")
+    words, share = decisions(agree)
+    table.add_row(f"{words} as teacher (%)", "", f"{100 * share:.2f}", "")
     table.add_row(
         "parameters", f"{t['params']:,}", f"{s['params']:,}", _ratio(s["params"], t["params"])
     )
@@ -83,7 +86,8 @@ def print_summary(rep: dict, run_dir: Path, out: Console) -> None:
         deployed = (
             f"top-1 {q['runtime_top1']:.2f}%"
             if q.get("runtime_top1") is not None
-            else f"same class as PyTorch on {100 * q['runtime_argmax_agreement']:.1f}%"
+            else f"{q['runtime_agreement']['what']} as PyTorch on "
+            f"{100 * q['runtime_agreement']['share']:.1f}%"
         )
         out.print(
             f"quantized {bits}, first/last {q['first_last']}: {storage}; QDQ graph within "

@@ -11,6 +11,7 @@ from archnet.results import EvaluationResult
 from archnet.stages import common
 from archnet.stages.assemble import load_student
 from archnet.store import RunStore
+from archnet.tasks import decisions
 
 
 def run(store: RunStore) -> EvaluationResult:
@@ -38,9 +39,11 @@ def run(store: RunStore) -> EvaluationResult:
 def poor_agreement(agree: dict[str, float]) -> list[str]:
     """Warnings for a student whose outputs no longer follow its teacher's."""
     out = []
-    if agree["argmax_agreement"] < EvaluationResult.POOR_ARGMAX:
+    words, share = decisions(agree)
+    if share < EvaluationResult.POOR_ARGMAX:
+        what = "picks the teacher's class" if words == "same class" else f"has the {words}"
         out.append(
-            f"the student picks the teacher's class on only {100 * agree['argmax_agreement']:.1f}% "
+            f"the student {what} on only {100 * share:.1f}% "
             f"of the evaluation images (below {100 * EvaluationResult.POOR_ARGMAX:.0f}%): it "
             "no longer agrees with its teacher; train longer, or relax the budget"
         )

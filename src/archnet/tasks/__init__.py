@@ -6,7 +6,17 @@ outputs, the metrics a user reads, and how closely a student follows its teacher
 classification is the first task; others (translation) register next to it.
 """
 
-from archnet.tasks.base import Task, get_task, list_tasks, register_task
+from archnet.tasks.base import METRICS, Task, decisions, get_task, list_tasks, register_task
 from archnet.tasks.classification import ImageClassification
+from archnet.tasks.outputs import MultiLabel
 
-__all__ = ["ImageClassification", "Task", "get_task", "list_tasks", "register_task"]
+__all__ = [
+    "METRICS",
+    "ImageClassification",
+    "MultiLabel",
+    "Task",
+    "decisions",
+    "get_task",
+    "list_tasks",
+    "register_task",
+]

@@ -11,7 +11,19 @@ from torch import nn
 
 from archnet.errors import ArchnetError
 
-__all__ = ["Task", "get_task", "list_tasks", "register_task"]
+__all__ = ["Task", "decisions", "get_task", "list_tasks", "register_task"]
+
+# the metrics tasks report, every one a percentage, and how a report names them
+METRICS = {"top1": "top-1", "label_accuracy": "label accuracy", "exact_match": "exact match"}
+# the agreement figure of each task that counts equal decisions, and how a report says it
+DECISIONS = {"argmax_agreement": "same class", "label_agreement": "same label decisions"}
+
+
+def decisions(agreement: dict[str, Any]) -> tuple[str, float]:
+    """(words, share) of the decisions a student takes as its teacher does, from whichever
+    decision figure its task's agreement holds."""
+    key = next(k for k in DECISIONS if k in agreement)
+    return DECISIONS[key], float(agreement[key])
 
 
 class Task(abc.ABC):

@@ -1,0 +1,57 @@
+"""Tasks for other kinds of outputs than one softmax: independent sigmoids (multi-label). What
+differs is the distillation loss and the figures; data and forward are the image classifier's."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from archnet.tasks.base import Task, register_task
+
+__all__ = ["MultiLabel"]
+
+
+def _relative(s: torch.Tensor, t: torch.Tensor) -> dict[str, float]:
+    """Relative MSE per sample (averaged) and cosine of the output vectors."""
+    s, t = s.flatten(1).float(), t.flatten(1).float()
+    return {
+        "relative_mse": float(((s - t).pow(2).sum(1) / t.pow(2).sum(1).clamp_min(1e-12)).mean()),
+        "cosine": float(F.cosine_similarity(s, t, dim=1).mean()),
+    }
+
+
+@register_task("multilabel")
+class MultiLabel(Task):
+    """One independent sigmoid per output: distilled by the binary KL divergence of each label's
+    softened probability, measured by the share of correct label decisions at 0.5."""
+
+    def distill_loss(
+        self, student_out: torch.Tensor, teacher_out: torch.Tensor, temperature: float = 1.0
+    ) -> torch.Tensor:
+        s, t = student_out / temperature, teacher_out / temperature
+        p = torch.sigmoid(t)
+        kl = p * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p) * (
+            F.logsigmoid(-t) - F.logsigmoid(-s)
+        )
+        return kl.flatten(1).sum(1).mean() * temperature * temperature
+
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """Against multi-hot targets; a class index per sample reads as its one positive label."""
+        if targets.dim() == 1:
+            targets = F.one_hot(targets.long(), outputs.shape[1])
+        hits = (outputs > 0) == (targets > 0.5)
+        return {
+            "label_accuracy": float(hits.float().mean() * 100),
+            "exact_match": float(hits.flatten(1).all(1).float().mean() * 100),
+        }
+
+    @torch.no_grad()
+    def agreement(self, student_out: torch.Tensor, teacher_out: torch.Tensor) -> dict[str, float]:
+        """``label_agreement``: share of label decisions equal to the teacher's, and the
+        relative MSE, cosine and divergence of the outputs."""
+        same = (student_out > 0) == (teacher_out > 0)
+        return {
+            "label_agreement": float(same.float().mean()),
+            **_relative(student_out, teacher_out),
+            "kl": self.divergence(student_out, teacher_out),
+        }
