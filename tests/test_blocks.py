@@ -321,3 +321,10 @@ def test_conv1d_blocks_read_as_channels_first_maps():
     specs = find_blocks(model, (1, 64))
     assert [s.layout for s in specs] == ["ncl"] * 3
     assert (specs[1].in_ch, specs[1].in_shape) == (8, (8, 64))
+
+
+def test_ncl_stride_is_the_length_factor():
+    assert BlockSpec("b", (8, 64), (16, 32), "ncl").stride == 2
+    assert BlockSpec("b", (8, 64), (8, 64), "ncl").stride == 1
+    assert BlockSpec("b", (8, 64), (8, 24), "ncl").stride == 0
+    assert BlockSpec("b", (17, 32), (17, 64), "tokens").stride == 1

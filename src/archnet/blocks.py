@@ -1,7 +1,7 @@
 """Find a teacher's blocks and record their shapes, layouts and context inputs.
 
-A *block* is a submodule (by qualified name) that maps one tensor to one tensor and is
-called once per forward. The pipeline replaces blocks one at a time, so everything else
+A *block* is a submodule (by qualified name) called once per forward with a stream tensor
+first (plus any context: masks, flags) that returns a tensor, or a tuple led by one. The pipeline replaces blocks one at a time, so everything else
 (stem, head, glue) stays the teacher's.
 """
 
@@ -20,7 +20,7 @@ from archnet.errors import ArchnetError
 LAYOUTS = ("nchw", "nhwc", "ncl", "tokens", "vector")
 # the channel axis of each layout, in a shape without the batch dimension (ncl: 1-D conv maps)
 _CHANNEL_AXIS = {"nchw": 0, "nhwc": -1, "ncl": 0, "tokens": -1, "vector": -1}
-_SPATIAL_AXES = {"nchw": (1, 2), "nhwc": (0, 1)}
+_SPATIAL_AXES = {"nchw": (1, 2), "nhwc": (0, 1), "ncl": (1,)}
 
 
 @dataclass(frozen=True)
@@ -49,14 +49,15 @@ class BlockSpec:
     def stride(self) -> int:
         """Spatial down-sampling factor, 0 when the block does not shrink by an integer factor."""
         axes = _SPATIAL_AXES.get(self.layout)
-        if axes is None or len(self.in_shape) != 3 or len(self.out_shape) != 3:
+        if axes is None or len(self.in_shape) <= max(axes):  # tokens, vectors: no spatial axes
             return 1 if self.in_shape[:-1] == self.out_shape[:-1] else 0
-        (h_in, w_in), (h_out, w_out) = (
-            [shape[a] for a in axes] for shape in (self.in_shape, self.out_shape)
-        )
-        if h_out == 0 or h_in % h_out or w_in != w_out * (h_in // h_out):
+        if len(self.out_shape) != len(self.in_shape):
             return 0
-        return h_in // h_out
+        sides = [(self.in_shape[a], self.out_shape[a]) for a in axes]
+        factor = sides[0][0] // sides[0][1] if sides[0][1] else 0
+        if not factor or any(i != o * factor for i, o in sides):
+            return 0
+        return factor
 
     @property
     def same_shape(self) -> bool:
@@ -149,23 +150,20 @@ def _layout(first_layer: nn.Module | None, in_shape: tuple[int, ...]) -> str:
     if len(in_shape) == 1:
         return "vector"
     if len(in_shape) == 2:
-        one_d = (
-            isinstance(first_layer, (nn.Conv1d, nn.BatchNorm1d))
-            and getattr(first_layer, "in_channels", getattr(first_layer, "num_features", None))
-            == in_shape[0]
-        )
-        return "ncl" if one_d else "tokens"
-    channels_first = (
-        isinstance(first_layer, (nn.Conv2d, nn.BatchNorm2d))
-        and getattr(first_layer, "in_channels", getattr(first_layer, "num_features", None))
-        == in_shape[0]
-    )
+        return "ncl" if _reads_axis0(first_layer, in_shape, nn.Conv1d, nn.BatchNorm1d) else "tokens"
+    channels_first = _reads_axis0(first_layer, in_shape, nn.Conv2d, nn.BatchNorm2d)
     width = getattr(first_layer, "in_features", None)
     if isinstance(first_layer, nn.LayerNorm):
         width = first_layer.normalized_shape[-1]
     if not channels_first and width == in_shape[-1]:
         return "nhwc" if len(in_shape) == 3 else "tokens"
     return "nchw" if len(in_shape) == 3 else "tokens"
+
+
+def _reads_axis0(layer: nn.Module | None, shape: tuple[int, ...], *kinds: type) -> bool:
+    """Whether ``layer`` is a convolution or batch norm of ``kinds`` over axis 0 of ``shape``."""
+    channels = getattr(layer, "in_channels", getattr(layer, "num_features", None))
+    return isinstance(layer, kinds) and channels == shape[0]
 
 
 def _first_layers(model: nn.Module, names: list[str]) -> tuple[dict[str, nn.Module], list]:

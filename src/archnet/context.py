@@ -10,7 +10,7 @@ with the features, and passed back wherever a block runs alone: training, scorin
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,10 +111,6 @@ class BlockContext:
         """The context of the samples ``idx`` (one batch)."""
         rows = {k: torch.as_tensor(v[idx]) for k, v in self.per_sample.items()}
         return {**self.constants, **rows}
-
-    def batches(self, indices: Iterator) -> Iterator[dict[str, Any]]:
-        for idx in indices:
-            yield self.batch(idx)
 
 
 class ContextFree(nn.Module):

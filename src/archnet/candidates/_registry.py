@@ -150,7 +150,8 @@ def build_candidate(
         return copy.deepcopy(teacher_block)
     candidate = get_candidate(name)
     if candidate.from_teacher:
-        module = None if teacher_block is None else candidate.builder(spec, teacher_block)
+        served = teacher_block is not None and spec.layout in candidate.layouts
+        module = candidate.builder(spec, teacher_block) if served else None
     else:
         module = _build_for_layout(candidate, spec)
     if module is None:

@@ -87,7 +87,7 @@ def _choice_sizes(
 
 def _why_unserved(spec: BlockSpec, rejected: dict[str, str]) -> str:
     """Why only the teacher's own block can go at ``spec``, in words a user can act on."""
-    if spec.layout not in ("nchw", "nhwc") and spec.in_shape[:-1] != spec.out_shape[:-1]:
+    if spec.layout in ("tokens", "vector") and spec.in_shape[:-1] != spec.out_shape[:-1]:
         return (
             f"its {spec.layout} stream {spec.in_shape} -> {spec.out_shape} changes length, and "
             "the families serving that layout (skip, linear) keep it"
