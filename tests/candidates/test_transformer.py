@@ -106,3 +106,12 @@ def test_onnx_export_matches(name):
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         assert np.abs(got - module(x).numpy()).max() < 1e-4
+
+
+def test_blocks_the_cut_would_change_are_refused():
+    """q/k norms would be dropped by the cut: such a block gets no candidate, not a wrong one."""
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", img_size=64, embed_dim=64, num_heads=4, depth=1, qk_norm=True
+    )
+    assert build_candidate("tf_heads_half", SPEC, vit.blocks[0]) is None

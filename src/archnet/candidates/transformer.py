@@ -25,10 +25,18 @@ __all__ = ["TokenAttention", "TokenBlock", "TokenMlp", "is_vit_block"]
 
 
 def is_vit_block(block: nn.Module | None) -> bool:
-    """A timm-style pre-norm block: ``norm1``, ``attn.qkv``/``attn.proj``, ``norm2``, ``mlp``."""
+    """A timm-style pre-norm block: ``norm1``, ``attn.qkv``/``attn.proj``, ``norm2``, ``mlp``,
+    with plain scaled-dot-product attention (no q/k norms, output norm or gate, which the cut
+    would drop) and no norm inside the MLP."""
     attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+    plain = all(
+        isinstance(getattr(part, n, None), (nn.Identity, type(None)))
+        for part, names in ((attn, ("q_norm", "k_norm", "norm", "gate")), (mlp, ("norm",)))
+        for n in names
+    )
     return (
         block is not None
+        and plain
         and all(hasattr(block, n) for n in ("norm1", "norm2"))
         and isinstance(getattr(attn, "qkv", None), nn.Linear)
         and isinstance(getattr(attn, "proj", None), nn.Linear)
@@ -56,9 +64,9 @@ class TokenAttention(nn.Module):
 
 
 class TokenMlp(nn.Sequential):
-    def __init__(self, width: int, hidden: int, act: type[nn.Module]) -> None:
+    def __init__(self, width: int, hidden: int, act: nn.Module) -> None:
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(width, hidden), act(), nn.Linear(hidden, width)
+        self.fc1, self.act, self.fc2 = nn.Linear(width, hidden), act, nn.Linear(hidden, width)
 
 
 class TokenBlock(nn.Module):
@@ -113,8 +121,8 @@ def _cut_attention(teacher: nn.Module, heads: int) -> TokenAttention:
 def _cut_mlp(teacher: nn.Module, hidden: int, act: type[nn.Module] | None) -> TokenMlp:
     fc1, fc2 = teacher.fc1, teacher.fc2
     keep = _top(fc1.weight.norm(dim=1) * fc2.weight.norm(dim=0), hidden)
-    act = act or type(getattr(teacher, "act", nn.GELU()))
-    cut = TokenMlp(fc1.in_features, hidden, act).to(fc1.weight)
+    activation = act() if act else copy.deepcopy(getattr(teacher, "act", nn.GELU()))
+    cut = TokenMlp(fc1.in_features, hidden, activation).to(fc1.weight)
     cut.fc1.weight.copy_(fc1.weight[keep])
     cut.fc1.bias.copy_(fc1.bias[keep] if fc1.bias is not None else 0)
     cut.fc2.weight.copy_(fc2.weight[:, keep])

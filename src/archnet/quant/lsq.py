@@ -131,7 +131,7 @@ class LSQQuantizer(nn.Module):
 
     def set_zero_point(self, value: int) -> None:
         lo, hi = quant_range(self.bits, self._signed)
-        if self._signed and value or not lo <= value <= hi:
+        if (self._signed and value) or not lo <= value <= hi:
             raise ValueError(f"zero point {value} does not fit the grid [{lo}, {hi}]")
         self._zero_point = int(value)
         self.zero_point.fill_(self._zero_point)
