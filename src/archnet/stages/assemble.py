@@ -37,7 +37,7 @@ def run(store: RunStore) -> AssembleResult:
     history = train_student(store, student, store.config.arch, "end-to-end distillation", changed)
     after = selection_kl(store, student)
     kept = "fine-tuned"
-    if after > before:
+    if not after <= before:  # also when training diverged to NaN
         student, kept = assembled, "assembled"
         common.warn(
             f"the end-to-end stage raised the selection KL ({before:.4f} -> {after:.4f}); "
