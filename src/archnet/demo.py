@@ -60,6 +60,11 @@ def demo_config(
         max_selection=500 if fast else 1000,
         proxy_images=200 if fast else 500,
     )
+    if not (archnet or bits):
+        # on this ~1 ms network the search table's student/teacher ratio missed the measured
+        # one by up to 6% (0.474 predicted, 0.503 measured): the default 3% margin left the
+        # budget met on the prediction only
+        cfg.budget_margin = 0.08
     cfg.blockwise.epochs = 1 if fast else 2
     cfg.blockwise.max_samples = 1000 if fast else 5000
     cfg.blockwise.quant_epochs = 1 if fast else 4
