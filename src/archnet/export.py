@@ -171,7 +171,8 @@ def deployed_agreement(
     targets: torch.Tensor | None,
 ) -> dict[str, Any]:
     """The QDQ student as onnxruntime deploys it (all graph optimisations, integer kernels)
-    against its PyTorch self: output drift and argmax agreement, and top-1 where labelled."""
+    against its PyTorch self: output drift, the task's decision agreement (same class, same
+    label decisions), and top-1 where labelled and the task has it."""
     expected = task.outputs(student, inputs)
     got = torch.from_numpy(ort_outputs(proto, inputs))
     words, share = decisions(task.agreement(got, expected))

@@ -117,7 +117,7 @@ def _load_tensor_file(path: Path, shape: tuple[int, ...]) -> ImageData:
             f"{path} holds a {type(obj).__name__}, not a tensor; save an (N, C, H, W) tensor"
         )
     x = obj.float()
-    if x.ndim == len(shape) and shape[0] == 1 and len(shape) == 3:
+    if len(shape) == 3 and shape[0] == 1 and x.ndim == 3:
         x = x.unsqueeze(1)  # (N, H, W) grayscale images
     if tuple(x.shape[1:]) != tuple(shape):
         dims = ", ".join(map(str, shape))

@@ -100,8 +100,8 @@ def run_case(pattern: str, case: Case) -> ProbeResult:
 
 # --- the probe network ----------------------------------------------------------------------
 # x -> Q/DQ (signed) -> Conv 3x3 -> Relu -> Q/DQ (unsigned, zero point 1) -> Conv 3x3 -> Relu
-# -> MaxPool 2x2 -> Q/DQ (unsigned) -> Flatten -> Gemm, every weight a DQ of stored integers (per channel):
-# layers as the export writes them, including an input quantized after a max-pool, which
+# -> MaxPool 2x2 -> Q/DQ (unsigned) -> Flatten -> Gemm, every weight a DQ of stored integers
+# (per channel): layers as the export writes them, including an input quantized after a max-pool, which
 # onnxruntime's optimiser moves the Q/DQ pair across. Scales are powers of two and data
 # integers, so every product and sum is exact in float32 and rounding ties are resolved by the
 # spec (half to even). Conv biases lie on the accumulator's grid (input step x weight step):

@@ -10,6 +10,7 @@ from archnet.store import RunStore
 
 
 def run(store: RunStore) -> ExportResult:
+    task = common.task(store)
     return export_and_measure(
         store.teacher,
         load_student(store),
@@ -18,7 +19,7 @@ def run(store: RunStore) -> ExportResult:
         store.config.latency,
         common.input_shape(store),
         store.root,
-        common.task(store).inputs(store, "eval"),
-        common.task(store).targets(store, "eval"),
-        common.task(store),
+        task.inputs(store, "eval"),
+        task.targets(store, "eval"),
+        task,
     )

@@ -11,7 +11,7 @@ from torch import nn
 
 from archnet.errors import ArchnetError
 
-__all__ = ["Task", "decisions", "get_task", "list_tasks", "register_task"]
+__all__ = ["Task", "decisions", "get_task", "list_tasks", "output_similarity", "register_task"]
 
 # the metrics tasks report, every one a percentage, and how a report names them
 METRICS = {"top1": "top-1", "label_accuracy": "label accuracy", "exact_match": "exact match"}
@@ -24,6 +24,16 @@ def decisions(agreement: dict[str, Any]) -> tuple[str, float]:
     decision figure its task's agreement holds."""
     key = next(k for k in DECISIONS if k in agreement)
     return DECISIONS[key], float(agreement[key])
+
+
+def output_similarity(student_out: torch.Tensor, teacher_out: torch.Tensor) -> dict[str, float]:
+    """``relative_mse``: ||s - t||^2 / ||t||^2 per sample, averaged; ``cosine``: cosine
+    similarity of the output vectors, averaged. Any task's outputs, labels or not."""
+    s, t = student_out.flatten(1).float(), teacher_out.flatten(1).float()
+    return {
+        "relative_mse": float(((s - t).pow(2).sum(1) / t.pow(2).sum(1).clamp_min(1e-12)).mean()),
+        "cosine": float(torch.nn.functional.cosine_similarity(s, t, dim=1).mean()),
+    }
 
 
 class Task(abc.ABC):
@@ -63,10 +73,6 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def agreement(self, student_out: torch.Tensor, teacher_out: torch.Tensor) -> dict[str, float]:
         """How closely a student's outputs follow its teacher's, labels or not."""
-
-    def example_inputs(self, input_shape: tuple[int, ...], batch_size: int) -> torch.Tensor:
-        """Inputs of the right shape and type for tracing, export and timing."""
-        return torch.randn(batch_size, *input_shape)
 
 
 _tasks: dict[str, Callable[[], Task]] = {}

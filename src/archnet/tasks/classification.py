@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from archnet.distill.losses import kd_kl
-from archnet.tasks.base import Task, register_task
+from archnet.tasks.base import Task, output_similarity, register_task
 
 __all__ = ["ImageClassification"]
 
@@ -25,15 +25,12 @@ class ImageClassification(Task):
 
     @torch.no_grad()
     def agreement(self, student_out: torch.Tensor, teacher_out: torch.Tensor) -> dict[str, float]:
-        """``argmax_agreement``: share of samples whose top class is the teacher's;
-        ``relative_mse``: ||s - t||^2 / ||t||^2 per sample, averaged; ``cosine``: cosine
-        similarity of the output vectors, averaged; ``kl``: KL(teacher || student)."""
+        """``argmax_agreement``: share of samples whose top class is the teacher's; the
+        outputs' ``relative_mse`` and ``cosine`` (``output_similarity``); ``kl``:
+        KL(teacher || student)."""
         s, t = student_out.flatten(1).float(), teacher_out.flatten(1).float()
         return {
             "argmax_agreement": float((s.argmax(1) == t.argmax(1)).float().mean()),
-            "relative_mse": float(
-                ((s - t).pow(2).sum(1) / t.pow(2).sum(1).clamp_min(1e-12)).mean()
-            ),
-            "cosine": float(torch.nn.functional.cosine_similarity(s, t, dim=1).mean()),
+            **output_similarity(s, t),
             "kl": self.divergence(s, t),
         }

@@ -6,18 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from archnet.tasks.base import Task, register_task
+from archnet.tasks.base import Task, output_similarity, register_task
 
 __all__ = ["MultiLabel"]
-
-
-def _relative(s: torch.Tensor, t: torch.Tensor) -> dict[str, float]:
-    """Relative MSE per sample (averaged) and cosine of the output vectors."""
-    s, t = s.flatten(1).float(), t.flatten(1).float()
-    return {
-        "relative_mse": float(((s - t).pow(2).sum(1) / t.pow(2).sum(1).clamp_min(1e-12)).mean()),
-        "cosine": float(F.cosine_similarity(s, t, dim=1).mean()),
-    }
 
 
 @register_task("multilabel")
@@ -52,6 +43,6 @@ class MultiLabel(Task):
         same = (student_out > 0) == (teacher_out > 0)
         return {
             "label_agreement": float(same.float().mean()),
-            **_relative(student_out, teacher_out),
+            **output_similarity(student_out, teacher_out),
             "kl": self.divergence(student_out, teacher_out),
         }
