@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-archnet demo-quant test test-slow lint bench bench-quant clean fashion-mnist
+.PHONY: demo demo-archnet demo-quant demo-vit test test-slow lint bench bench-quant clean fashion-mnist
 
 # Fashion-MNIST, the demo and benchmark data: the IDX files of the Debian/Ubuntu package.
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
@@ -50,6 +50,9 @@ demo: $(STAMP) fashion-mnist
 
 demo-archnet: $(STAMP) fashion-mnist
 	$(VENV)/bin/archnet demo --target archnet-5op
+
+demo-vit: $(STAMP) fashion-mnist
+	$(VENV)/bin/archnet demo-vit
 
 demo-quant: $(STAMP) fashion-mnist
 	$(VENV)/bin/archnet demo --bits w4a4

@@ -42,6 +42,17 @@ def tiny_teacher(digits_data) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
+def tiny_vit_teacher(digits_data) -> torch.nn.Module:
+    """timm's VisionTransformer, 2 blocks of width 32 on 8x8 patches, trained on digits."""
+    train, _ = digits_data
+    torch.manual_seed(0)
+    model = create_model("tiny_vit", in_chans=3, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    return train_classifier(
+        model, train, epochs=15, lr=3e-3, batch_size=64, progress=False, max_shift=0
+    )
+
+
+@pytest.fixture(scope="session")
 def tiny_images(digits_data) -> torch.Tensor:
     """Unlabeled images for conversions (unseen by the teacher)."""
     return digits_data[1].images[:48]

@@ -155,7 +155,7 @@ NOT_CONVERTED = {
     "sigmoid": nn.Sigmoid(),
     "hardsigmoid": nn.Hardsigmoid(),
     "tanh": nn.Tanh(),
-    "layernorm": nn.LayerNorm(8),
+    "layernorm_2d": nn.LayerNorm((4, 8)),  # over two axes: no per-channel counterpart
     "groupnorm": nn.GroupNorm(1, 8),
     "dilated": nn.Conv2d(8, 8, 3, padding=2, dilation=2),
     "stride3": nn.Conv2d(8, 8, 3, 3),

@@ -60,6 +60,22 @@ class BlockSpec:
         return factor
 
     @property
+    def strides(self) -> tuple[int, ...] | None:
+        """Down-sampling factor per spatial axis (``(2, 1)``: height halved, width kept); None
+        when some axis does not shrink by an integer factor or the layout has no such axes."""
+        axes = _SPATIAL_AXES.get(self.layout)
+        if (
+            axes is None
+            or len(self.in_shape) <= max(axes)
+            or len(self.out_shape) != len(self.in_shape)
+        ):
+            return None
+        sides = [(self.in_shape[a], self.out_shape[a]) for a in axes]
+        if any(not o or i % o for i, o in sides):
+            return None
+        return tuple(i // o for i, o in sides)
+
+    @property
     def same_shape(self) -> bool:
         return self.in_shape == self.out_shape
 

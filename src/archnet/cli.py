@@ -310,6 +310,23 @@ def _demo(a: argparse.Namespace) -> int:
     return 0
 
 
+@command("demo-vit")
+def _demo_vit(a: argparse.Namespace) -> int:
+    from archnet.demo_vit import CONVERSIONS, run_demo_vit, vit_table
+
+    only = [c.strip() for c in a.only.split(",")] if a.only else None
+    unknown = [c for c in only or [] if c not in CONVERSIONS]
+    if unknown:
+        raise ArchnetError(
+            f"--only: unknown conversion(s) {', '.join(unknown)}; choose from {', '.join(CONVERSIONS)}"
+        )
+    rows = run_demo_vit(Path(a.out), fast=a.fast, only=only)
+    for _, rep, run_dir in rows:
+        print_summary(rep, run_dir, out)
+    out.print(vit_table(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="archnet", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -325,6 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="cpu-ort (HANT search, the default) or archnet-5op (Arch-Net mode)",
     )
     d.add_argument("--bits", help="also quantize the student, e.g. w4a4 or w2a4")
+
+    v = sub.add_parser(
+        "demo-vit",
+        help="train a small timm ViT on Fashion-MNIST, convert it with HANT and with Arch-Net "
+        "(float and W4A4), print one table",
+    )
+    v.add_argument("--out", default="runs/demo")
+    v.add_argument("--fast", action="store_true", help="fewer epochs (for smoke tests)")
+    v.add_argument("--only", help="comma-separated conversions: HANT, Arch-Net, Arch-Net W4A4")
 
     c = sub.add_parser("convert", help="convert a teacher into a student for a target")
     c.add_argument("--model", help="timm:NAME, zoo:NAME or package.module:factory")
@@ -346,8 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", help="built-in target name or a .toml file (default cpu-ort)")
     c.add_argument(
         "--task",
-        help="what the outputs are: 'classification' (one softmax, the default) or "
-        "'multilabel' (independent sigmoids): sets the distillation loss and the figures",
+        help="what the outputs are: 'classification' (one softmax), 'multilabel' (independent "
+        "sigmoids) or 'regression' (real values): sets the distillation loss and the figures; "
+        "default 'auto' reads it from the teacher's outputs (logits read as classes)",
     )
     c.add_argument("--budget", help="latency budget: fraction of the teacher ('0.5') or '2.5ms'")
     c.add_argument(

@@ -36,7 +36,9 @@ class LatencyConfig:
 @dataclass
 class ConvertConfig:
     model: str = "zoo:tiny_effnet"  # how the teacher was given: 'timm:NAME', 'zoo:NAME', 'pkg.mod:fn', 'python'
-    task: str = "classification"  # what the model's inputs and outputs are (archnet.tasks)
+    # what the model's inputs and outputs are (archnet.tasks); "auto": read from the teacher's
+    # outputs when the run is created, and stored as the task it chose
+    task: str = "auto"
     checkpoint: str | None = None
     data: str = "digits"
     eval_data: str | None = (
@@ -90,7 +92,8 @@ class ConvertConfig:
         from archnet.tasks import get_task
 
         check_types(self)
-        get_task(self.task)
+        if self.task != "auto":
+            get_task(self.task)
         load_target(self.target)
         parse_budget(self.budget, "latency")
         for what, text in (("params", self.params_budget), ("macs", self.macs_budget)):

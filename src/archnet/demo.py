@@ -65,42 +65,51 @@ def demo_config(
         # one by up to 6% (0.474 predicted, 0.503 measured): the default 3% margin left the
         # budget met on the prediction only
         cfg.budget_margin = 0.08
-    cfg.blockwise.epochs = 1 if fast else 2
     cfg.blockwise.max_samples = 1000 if fast else 5000
     cfg.blockwise.quant_epochs = 1 if fast else 4
-    # the teacher saw no shifted images, and the student is judged on centred ones
-    cfg.finetune.shift = cfg.arch.shift = 0
     cfg.finetune.epochs = 1 if fast else 3 if bits else 2
     # quantized students: a larger rate moves the learned steps too far and the fine-tune
     # raised the selection KL (0.054 -> 0.14 at 1e-3, W4A4); 2e-4 halved it
     cfg.finetune.lr = 2e-4 if bits else 3e-3
-    # Arch-Net's progressive stages, a quarter epoch per block, then one global epoch: the
-    # ablation trains this schedule 12 more times (4 variants x 3 seeds)
+    return demo_schedule(cfg, fast)
+
+
+def demo_schedule(cfg: ConvertConfig, fast: bool) -> ConvertConfig:
+    """What every demo shares: two blockwise epochs; no random shifts (the teacher saw none,
+    and the student is judged on centred images); Arch-Net's progressive stages at a quarter
+    epoch per block, then one global epoch (the CNN demo's ablation trains this schedule 12
+    more times: 4 variants x 3 seeds); latency at batch 8, as batch-1 timings of a ~1 ms
+    network are dominated by per-call jitter."""
+    cfg.blockwise.epochs = 1 if fast else 2
+    cfg.finetune.shift = cfg.arch.shift = 0
     cfg.arch.epochs_per_stage = 0.125 if fast else 0.25
     cfg.arch.global_epochs = 1
-    # batch 8: on a ~1 ms network, batch-1 timings are dominated by per-call jitter
     cfg.latency.batch_size = 8
     cfg.latency.repeats = 20 if fast else 100
     return cfg
 
 
-def teacher_file(out: Path, seed: int, epochs: int | None) -> Path:
+def teacher_file(out: Path, seed: int, epochs: int | None, model: str = "tiny_effnet") -> Path:
     """Where the demo teacher of this recipe and seed is cached: a changed recipe retrains."""
-    recipe = {**demo_recipe(epochs), "seed": seed}
+    recipe = {**demo_recipe(epochs, model), "seed": seed}
+    if model != "tiny_effnet":  # the first demo teacher's files keep their names
+        recipe["model"] = model
     digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     return out / f"teacher-{digest}.pt"
 
 
-def demo_teacher_cached(out: Path, seed: int = 0, epochs: int | None = None) -> torch.nn.Module:
-    """The demo teacher, trained once per recipe and seed and reused by every later demo."""
+def demo_teacher_cached(
+    out: Path, seed: int = 0, epochs: int | None = None, model: str = "tiny_effnet"
+) -> torch.nn.Module:
+    """A demo teacher, trained once per model, recipe and seed and reused by every later demo."""
     from archnet.zoo import demo_teacher
 
-    file = teacher_file(out, seed, epochs)
+    file = teacher_file(out, seed, epochs, model)
     if file.exists():
         console.print(f"[bold]teacher[/] reusing {file}")
         return torch.load(file, map_location="cpu", weights_only=False).eval()
-    console.print("[bold]teacher[/] training tiny_effnet on Fashion-MNIST (labels used only here)")
-    teacher, _, _ = demo_teacher(seed=seed, epochs=epochs, progress=True)
+    console.print(f"[bold]teacher[/] training {model} on Fashion-MNIST (labels used only here)")
+    teacher, _, _ = demo_teacher(seed=seed, epochs=epochs, progress=True, model=model)
     out.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(".tmp")
     torch.save(teacher, tmp)

@@ -38,6 +38,7 @@ from archnet.quant import (
 )
 from archnet.results import ExportResult
 from archnet.targets import Target, check_report
+from archnet.targets.graph import Graph
 from archnet.tasks import Task, decisions, get_task
 
 
@@ -107,7 +108,9 @@ def export_and_measure(
     return ExportResult(
         input_shape=list(input_shape),
         max_abs_diff=diffs,
-        ops={n: sorted({node.op_type for node in p.graph.node}) for n, p in protos.items()},
+        ops={
+            n: sorted({node.op_type for node in Graph(p).kept_nodes()}) for n, p in protos.items()
+        },
         check={"violations": len(report.violations), "unverified": len(report.unverified)},
         exporters={
             **{f"{n}.onnx": exporter_of(p) or "unknown" for n, p in protos.items()},

@@ -111,18 +111,37 @@ def sample_input(
     return torch.randn(tuple(input_shape), dtype=_float_dtype(module), device=device)
 
 
+@contextlib.contextmanager
+def _one_input(module: nn.Module) -> Iterator[None]:
+    """Show the TorchScript exporter a ``forward(x)``: it fills in every further parameter's
+    default and traces it as a tensor, so ``is_causal=False`` (timm's attention) would reach
+    ``scaled_dot_product_attention`` as a tensor and fail. The module stays the root, so node
+    scopes still name its layers."""
+    own = module.__dict__.get("forward")
+    bound = module.forward
+    module.forward = lambda x: bound(x)
+    try:
+        yield
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
+
+
 def _export_legacy(module: nn.Module, x: torch.Tensor, opset: int) -> onnx.ModelProto:
     buf = io.BytesIO()
-    torch.onnx.export(
-        module,
-        (x,),
-        buf,
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        opset_version=opset,
-        do_constant_folding=True,
-        dynamo=False,
-    )
+    with _one_input(module):
+        torch.onnx.export(
+            module,
+            (x,),
+            buf,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
     return onnx.load_model_from_string(buf.getvalue())
 
 

@@ -37,8 +37,11 @@ Kept as they are, being allowed already: dense 3x3 convs, MaxPool2d 2x2/2, Batch
 Linear, Flatten, Dropout, Identity, AdaptiveAvgPool2d(1) (and timm's SelectAdaptivePool2d
 'avg', which is built from the last two).
 
+Transformer layers (``nn.LayerNorm``, timm attention, ``nn.Embedding``, a ViT's token pooling)
+are converted in :mod:`archnet.tokenconvert`, registered here.
+
 Not converted (left in place for a target check to report): Sigmoid, Hardsigmoid, Tanh
-(gates have no ReLU counterpart); plain ``nn.LayerNorm``, GroupNorm and other norms; dilated
+(gates have no ReLU counterpart); GroupNorm and norms over several axes; dilated
 convs, strides above 2 other than patchify, other even kernels, kxk convs without 'same'
 padding, non-zero padding modes, and Conv2d subclasses (timm's Conv2dSame, StdConv2d);
 MaxPool2d that would change the output size, other AvgPool2d, adaptive pools other than 1x1
@@ -70,10 +73,15 @@ __all__ = [
     "describe",
     "get_converter",
     "register_converter",
+    "register_rewrite",
 ]
 
 Converter = Callable[[nn.Module], "nn.Module | None"]
 _converters: dict[type[nn.Module] | str, Converter] = {}
+#: ``rewrite(module) -> rows`` changes a module's own glue in place (its ``forward`` does
+#: arithmetic no child layer holds, e.g. a ViT's token pooling); keyed by class name
+Rewrite = Callable[[nn.Module], "list[tuple[str, str, str]]"]
+_rewrites: dict[str, Rewrite] = {}
 
 
 def register_converter(*keys: type[nn.Module] | str) -> Callable[[Converter], Converter]:
@@ -88,6 +96,18 @@ def register_converter(*keys: type[nn.Module] | str) -> Callable[[Converter], Co
         for key in keys:
             _converters[key] = converter
         return converter
+
+    return decorator
+
+
+def register_rewrite(*class_names: str) -> Callable[[Rewrite], Rewrite]:
+    """Decorator registering ``rewrite(module) -> [(name, was, now)]`` for classes of these
+    names: it edits the module in place (names relative to it) where its glue is not a layer."""
+
+    def decorator(rewrite: Rewrite) -> Rewrite:
+        for name in class_names:
+            _rewrites[name] = rewrite
+        return rewrite
 
     return decorator
 
@@ -137,7 +157,13 @@ def convert_modules(
     def skipped(name: str) -> bool:
         return any(name == s or name.startswith(s + ".") for s in skip)
 
+    def rewrite(prefix: str, module: nn.Module) -> None:
+        fn = _rewrites.get(type(module).__name__)
+        for name, was, now in fn(module) if fn else []:
+            rows.append((f"{prefix}.{name}" if prefix else name, was, now))
+
     def visit(prefix: str, parent: nn.Module) -> None:
+        rewrite(prefix, parent)
         for child_name, child in list(parent.named_children()):
             name = f"{prefix}.{child_name}" if prefix else child_name
             if skipped(name):
@@ -589,3 +615,7 @@ def split_wide_layers(
             (name, describe(module), f"{len(bounds) - 1} x {type(module).__name__} + Concat")
         )
     return rows
+
+
+# Transformer conversions register themselves on import; at the end, as they use this module.
+from archnet import tokenconvert as _tokenconvert  # noqa: E402, F401

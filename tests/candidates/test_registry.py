@@ -241,3 +241,22 @@ def test_register_custom_candidate():
         assert model(torch.randn(1, 16, 16, 16)).shape == (1, 24, 8, 8)
     finally:
         del _registry._candidates["test_custom_conv"]
+
+
+def test_blocks_down_sampling_height_and_width_apart_get_candidates():
+    """A block halving only the height (audio frames, text lines) is served like any other."""
+    import torch
+
+    from archnet.blocks import BlockSpec
+    from archnet.candidates import build_pool
+
+    spec = BlockSpec("b", (8, 16, 12), (16, 8, 12))
+    assert spec.stride == 0 and spec.strides == (2, 1)
+    teacher = torch.nn.Conv2d(8, 16, 3, (2, 1), 1)
+    pool = build_pool(spec, teacher)
+    built = [n for n in pool if n != "teacher"]
+    assert {"skip", "skip_pool", "mbconv_k3_e3_relu", "resnet_basic"} <= set(built), built
+    assert not any(n.startswith("archnet_") for n in built)  # 3x3 stride 1 or 2 only
+    x = torch.randn(2, *spec.in_shape)
+    for name in built:
+        assert pool[name].eval()(x).shape == (2, *spec.out_shape), name

@@ -10,10 +10,9 @@ import torch
 from torch import nn
 
 from archnet.data import digits
+from archnet.distill.aids import TeacherGate
 from archnet.distill.archnet import (
     ArchDistillConfig,
-    ResidualAdapter,
-    TeacherGate,
     _StudentTap,
     arch_distill,
     progressive_weights,
@@ -79,18 +78,6 @@ def test_total_steps_counts_stages_and_global_epochs() -> None:
 
 
 # ----------------------------------------------------------------------------- training aids
-
-
-def test_gate_and_adapter_start_neutral() -> None:
-    torch.manual_seed(0)
-    t, s = torch.randn(4, 16, 5, 5), torch.randn(4, 16, 5, 5)
-    gate, adapter = TeacherGate(16), ResidualAdapter(16)
-    g = gate(t)
-    assert g.shape == (4, 16, 1, 1) and torch.equal(g, torch.ones_like(g))
-    assert torch.equal(adapter(s), s)
-    with torch.no_grad():
-        gate.fc2.bias.fill_(-3.0)
-    assert torch.all(gate(t) < 0.2)  # 2 * sigmoid(-3): the gate can damp channels
 
 
 def test_student_tap_gates_what_flows_on_but_records_raw(teacher: nn.Module) -> None:

@@ -175,3 +175,43 @@ def test_failed_shape_inference_is_named_in_the_unverified_reason() -> None:
     assert found == [("/attn/MatMul", "max_channels")] * 2
     assert all("shape inference failed" in u.reason for u in report.unverified)
     assert report.violations == ()  # the first MatMul's sizes come from its initializer
+
+
+# ----------------------------------------------------------------------------- Transformer rules
+TRANSFORMER = load_target("archnet-transformer")
+
+
+def _attention_graph(softmax_axis: int | None, extra_rank: bool = False) -> onnx.ModelProto:
+    """x (1, 8, 16, 16) read as (batch, heads, tokens, dim): scores, softmax, values."""
+    g = GraphBuilder()
+    x = g.last
+    if extra_rank:
+        x = g.add("Reshape", "split", [x, g.const("shape", np.array([1, 2, 4, 16, 16]))])
+    kt = g.add("Transpose", "kt", [x], perm=[0, 1, 3, 2] if not extra_rank else [0, 1, 2, 4, 3])
+    scores = g.add("MatMul", "/attn/MatMul", [x, kt])
+    attrs = {} if softmax_axis is None else {"axis": softmax_axis}
+    probs = g.add("Softmax", "/attn/Softmax", [scores], **attrs)
+    g.add("MatMul", "/attn/MatMul_1", [probs, x])
+    return g.model()
+
+
+@pytest.mark.parametrize("axis", [None, -1, 3])
+def test_softmax_over_the_last_axis_passes(axis) -> None:
+    assert check_model(_attention_graph(axis), TRANSFORMER) == []
+
+
+def test_softmax_over_another_axis_is_a_violation() -> None:
+    v = only(check_model(_attention_graph(1), TRANSFORMER))
+    assert (v.op_type, v.attribute) == ("Softmax", "axis=1")
+    assert "rules.softmax_last_axis" in v.reason
+
+
+def test_matmul_above_the_rank_limit_is_a_violation() -> None:
+    found = check_model(_attention_graph(-1, extra_rank=True), TRANSFORMER)
+    assert {v.op_type for v in found} == {"MatMul"}
+    assert all(v.attribute == "rank=5" and "matmul_max_rank" in v.reason for v in found)
+
+
+def test_transformer_ops_are_violations_on_the_five_operator_target() -> None:
+    ops = {v.op_type for v in check_model(_attention_graph(-1), ARCHNET)}
+    assert ops == {"Transpose", "MatMul", "Softmax"}

@@ -34,11 +34,12 @@ def make_divisible(value: float, divisor: int = 8) -> int:
     return new
 
 
-def conv_stride(spec: BlockSpec) -> int:
-    """Stride a candidate must use for ``spec``; 0 when no 2-D conv block can match it."""
+def conv_stride(spec: BlockSpec) -> int | tuple[int, int]:
+    """Stride a candidate must use for ``spec``: one factor, or (height, width) factors where
+    they differ (a block halving only the height); 0 when no 2-D conv block can match it."""
     if len(spec.in_shape) != 3 or len(spec.out_shape) != 3:
         return 0
-    return spec.stride
+    return spec.stride or spec.strides or 0
 
 
 class ConvBnAct(nn.Sequential):
@@ -53,7 +54,7 @@ class ConvBnAct(nn.Sequential):
         in_ch: int,
         out_ch: int,
         kernel_size: int = 1,
-        stride: int = 1,
+        stride: int | tuple[int, int] = 1,
         groups: int = 1,
         act: str | None = "relu",
     ) -> None:

@@ -101,8 +101,8 @@ class ArchConcatBlock(nn.Module):
 
 def _build_conv(spec: BlockSpec, depth: int) -> nn.Module | None:
     stride = conv_stride(spec)
-    if not stride:
-        return None
+    if not isinstance(stride, int) or not stride:
+        return None  # (h, w) factors that differ: no 3x3 stride 1 or 2 conv matches them
     if depth == 1:
         return down_conv(spec.in_ch, spec.out_ch, stride, act=None)
     return nn.Sequential(
@@ -113,7 +113,7 @@ def _build_conv(spec: BlockSpec, depth: int) -> nn.Module | None:
 
 def _build_concat(spec: BlockSpec, width: float, depth: int) -> nn.Module | None:
     stride = conv_stride(spec)
-    if not stride:
+    if not isinstance(stride, int) or not stride:
         return None
     return ArchConcatBlock(spec.in_ch, spec.out_ch, stride, width=width, depth=depth)
 

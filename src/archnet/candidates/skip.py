@@ -39,7 +39,7 @@ def _linear(spec: BlockSpec) -> nn.Module | None:
 def _skip_pool(spec: BlockSpec) -> nn.Module | None:
     """Only for down-sampling blocks; at stride 1 it would duplicate ``skip``."""
     stride = conv_stride(spec)
-    if stride < 2:
+    if stride in (0, 1, (1, 1)):
         return None
     pool = nn.AvgPool2d(stride, stride)
     if spec.in_ch == spec.out_ch:

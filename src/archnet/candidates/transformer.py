@@ -7,6 +7,10 @@ GELU. Each candidate starts from the teacher's weights: the heads and hidden neu
 largest weight norms are kept (a head's value rows times its output-projection columns; a
 neuron's input row times its output column), so blockwise distillation starts near the block.
 The identity and a linear replacement live in ``skip``.
+
+The ``archnet_tf*`` candidates are the same cuts on Arch-Net's Transformer operators
+(:func:`archnet.tokenconvert.restrict_block`): BatchNorm for LayerNorm, ReLU for GELU, attention
+as MatMul/Softmax with separate q/k/v projections, LayerScale folded into the projections.
 """
 
 from __future__ import annotations
@@ -173,3 +177,26 @@ for _name, (_heads, _ffn, _act) in _VARIANTS.items():
     register_candidate(_name, "transformer", _tags, layouts=("tokens",), from_teacher=True)(
         _builder
     )
+
+
+_ARCHNET_VARIANTS = {
+    # name: (kept share of heads, kept share of MLP neurons), ReLU and restricted operators
+    "archnet_tf": (1.0, 1.0),
+    "archnet_tf_ffn_half": (1.0, 0.5),
+    "archnet_tf_heads_half": (0.5, 1.0),
+}
+for _name, (_heads, _ffn) in _ARCHNET_VARIANTS.items():
+
+    def _restricted(spec, teacher, heads=_heads, ffn=_ffn):  # noqa: ANN001
+        from archnet.tokenconvert import restrict_block
+
+        block = _build(spec, teacher, heads, ffn, nn.ReLU)
+        return None if block is None else restrict_block(block)
+
+    register_candidate(
+        _name,
+        "archnet",
+        {"archnet", "restricted", "transformer", "relu"},
+        layouts=("tokens",),
+        from_teacher=True,
+    )(_restricted)

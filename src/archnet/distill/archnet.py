@@ -3,15 +3,10 @@
 The assembled student is trained on its own forward pass to match the teacher block by block,
 one more block per stage (earlier targets keep a decaying weight so fixing block k does not
 undo the blocks before it), then end to end with all block features plus the logit KL.
-Two training-only aids help the blocks the student cannot copy exactly:
-
-* Teacher Attention: an SE-style gate computed from the teacher's feature re-weights the
-  student's block output channels, so later student blocks train on cleaner inputs while the
-  earlier ones are still catching up.
-* Residual Feature Adaptation: the feature loss compares ``s + conv3x3(s)`` with the teacher,
-  so a small local mismatch the restricted student operation cannot express is absorbed by the
-  adapter instead of pulling the block away from what it can learn.
-
+Two training-only aids help the blocks the student cannot copy exactly (in
+:mod:`archnet.distill.aids`, one pair per feature layout): Teacher Attention, a gate from the
+teacher's feature that re-weights the student's block output channels, and Residual Feature
+Adaptation, an adapter through which the feature loss compares the student with the teacher.
 Both are discarded at the end; the student keeps exactly its own parameters.
 """
 
@@ -22,9 +17,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from archnet.distill.aids import AIDS, LAYOUT_OF_RANK
 from archnet.distill.bn import freeze_outside, recalibrate_bn
 from archnet.distill.finetune import _FeatureTap, random_shift
 from archnet.distill.losses import nmse
@@ -81,39 +76,6 @@ def total_steps(n_images: int, n_blocks: int, cfg: ArchDistillConfig) -> int:
     return progressive + cfg.global_epochs * _batches_per_epoch(n_images, cfg.batch_size)
 
 
-class TeacherGate(nn.Module):
-    """SE-style channel gate from the teacher's feature: ``g = 2 * sigmoid(W2 relu(W1 GAP(t)))``.
-
-    ``W2`` and its bias start at zero, so ``g == 1`` exactly and the student starts unperturbed;
-    the factor 2 lets the gate amplify channels as well as damp them.
-    """
-
-    def __init__(self, channels: int, reduction: int = 4) -> None:
-        super().__init__()
-        hidden = max(channels // reduction, 4)
-        self.fc1 = nn.Conv2d(channels, hidden, 1)
-        self.fc2 = nn.Conv2d(hidden, channels, 1)
-        nn.init.zeros_(self.fc2.weight)
-        nn.init.zeros_(self.fc2.bias)
-
-    def forward(self, teacher_feature: torch.Tensor) -> torch.Tensor:
-        z = teacher_feature.mean(dim=(2, 3), keepdim=True)
-        return 2.0 * torch.sigmoid(self.fc2(F.relu(self.fc1(z))))
-
-
-class ResidualAdapter(nn.Module):
-    """``a(s) = s + conv3x3(s)``, zero-initialised so it starts as the identity."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        nn.init.zeros_(self.conv.weight)
-        nn.init.zeros_(self.conv.bias)
-
-    def forward(self, s: torch.Tensor) -> torch.Tensor:
-        return s + self.conv(s)
-
-
 class _StudentTap:
     """Record each student block's raw output; with gates, pass ``s * g(t)`` on downstream.
 
@@ -158,9 +120,15 @@ def _device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def _probe_channels(
-    student: nn.Module, teacher: nn.Module, x: torch.Tensor, names: list[str], need_4d: bool
-) -> list[int]:
-    """Channel count of each block output, checking the student's shapes match the teacher's."""
+    student: nn.Module,
+    teacher: nn.Module,
+    x: torch.Tensor,
+    names: list[str],
+    layouts: Sequence[str] | None,
+    need_aids: bool,
+) -> list[tuple[str, int]]:
+    """(layout, channels) of each block output, checking the student's shapes match the
+    teacher's; a layout not given is read from the rank (4: NCHW, 3: tokens, 2: vector)."""
     was_training = student.training
     s_tap, t_tap = _FeatureTap(student.eval(), names), _FeatureTap(teacher, names)
     try:
@@ -170,8 +138,8 @@ def _probe_channels(
         s_tap.close()
         t_tap.close()
         student.train(was_training)
-    channels = []
-    for n in names:
+    found = []
+    for i, n in enumerate(names):
         s, t = s_tap.out.get(n), t_tap.out.get(n)
         if not isinstance(s, torch.Tensor) or not isinstance(t, torch.Tensor):
             raise ValueError(f"block {n!r} did not return one tensor in both models")
@@ -179,13 +147,14 @@ def _probe_channels(
             raise ValueError(
                 f"block {n!r}: student output {tuple(s.shape)} != teacher {tuple(t.shape)}"
             )
-        if need_4d and t.dim() != 4:
+        layout = layouts[i] if layouts else LAYOUT_OF_RANK.get(t.dim(), "")
+        if need_aids and layout not in AIDS:
             raise ValueError(
-                f"block {n!r}: teacher attention and residual adaptation need (N, C, H, W) "
-                f"features, got {tuple(t.shape)}"
+                f"block {n!r}: teacher attention and residual adaptation serve "
+                f"{', '.join(AIDS)} features, not {layout or tuple(t.shape)}"
             )
-        channels.append(t.shape[1])
-    return channels
+        found.append((layout, t.shape[AIDS[layout][2]] if need_aids else t.shape[1]))
+    return found
 
 
 def _batch_stream(
@@ -246,12 +215,15 @@ def arch_distill(
     on_step: Callable[[float], None] | None = None,
     changed: Sequence[str] | None = None,
     task: Task | None = None,
+    layouts: Sequence[str] | None = None,
 ) -> dict[str, list[float]]:
     """Train ``student`` in place to match ``teacher`` on unlabeled ``images``; the logit term
     is ``task``'s distillation loss (KL of class distributions by default).
 
     ``changed`` names the modules the student changed (None: all): only their BatchNorm
-    statistics move; the rest keep the teacher's (see :mod:`archnet.distill.bn`).
+    statistics move; the rest keep the teacher's (see :mod:`archnet.distill.bn`). ``layouts``
+    (one per block, as in ``BlockSpec.layout``) chooses the Teacher Attention and Residual
+    Feature Adaptation modules: convolutional for NCHW, fully connected for channels-last.
 
     Returns the mean loss per progressive stage (``"progressive"``; one entry when
     ``progressive`` is off), per global epoch (``"global"``) and the logit KL part of the
@@ -275,16 +247,16 @@ def arch_distill(
         student.eval()
         return history
 
-    need_4d = cfg.teacher_attention or cfg.residual_adaptation
+    need_aids = cfg.teacher_attention or cfg.residual_adaptation
     probe = images[: min(n, 2)].float().to(device)
-    channels = _probe_channels(student, teacher, probe, names, need_4d) if names else []
+    found = _probe_channels(student, teacher, probe, names, layouts, need_aids) if names else []
     gates = (
-        nn.ModuleList(TeacherGate(c) for c in channels).to(device)
+        nn.ModuleList(AIDS[layout][0](c) for layout, c in found).to(device)
         if cfg.teacher_attention and names
         else None
     )
     adapters = (
-        nn.ModuleList(ResidualAdapter(c) for c in channels).to(device)
+        nn.ModuleList(AIDS[layout][1](c) for layout, c in found).to(device)
         if cfg.residual_adaptation and names
         else None
     )

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from archnet.opconvert import convert_module, get_converter
 from archnet.quant.lsq import float_mode
 from archnet.quant.modules import QuantConv2d, QuantLinear, QuantModule, mark_unsigned_after_relu
+from archnet.tokenconvert import MatMulAttention, exact_attention
 
 __all__ = [
     "QuantConfig",
@@ -80,9 +82,12 @@ def quantize_model(
     quantized are kept. The first and last layers of the whole model (definition order, before
     filtering, quantized or not) get ``cfg.first_last``.
     Inputs that directly follow a ReLU in an ``nn.Sequential`` are quantized unsigned.
+    Attention becomes the exact :class:`MatMulAttention` first, whose matmul inputs (q, k, v,
+    the softmax probabilities) get activation quantizers too.
     Returns the qualified names of the swapped layers.
     """
     cfg = cfg or QuantConfig()
+    _explicit_attention(model)
     layers = [(n, m) for n, m in model.named_modules() if n and isinstance(m, _LAYERS)]
     if not layers:
         return []
@@ -97,8 +102,22 @@ def quantize_model(
         cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
         _set_submodule(model, name, cls.from_float(module, w, a))
         swapped.append(name)
+    attention = [(n, m) for n, m in model.named_modules() if isinstance(m, MatMulAttention)]
+    for name, module in attention:
+        if module.quant is None and (filter_fn is None or filter_fn(module, name)):
+            module.quantize_matmuls(cfg.act_bits)
     mark_unsigned_after_relu(model)
     return swapped
+
+
+def _explicit_attention(model: nn.Module) -> None:
+    """Attention computed inside one call (SDPA) becomes the exact MatMul/Softmax form, whose
+    matmul inputs can then be quantized like a layer's."""
+    for name, module in list(model.named_modules()):
+        if name and get_converter(module) is exact_attention:
+            new = convert_module(module)
+            if new is not None:
+                _set_submodule(model, name, new)
 
 
 @torch.no_grad()
@@ -295,4 +314,6 @@ def strip_quantizers(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantModule):
             _set_submodule(model, name, module.to_float())
+        elif isinstance(module, MatMulAttention):
+            module.quant = None
     return model

@@ -115,7 +115,13 @@ class QuantLinear(QuantModule, nn.Linear):
         return plain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+        if x.dim() <= 2:
+            return F.linear(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+        # tokens: one (B*N, C) Gemm fed by the quantized input, not a MatMul + Add that
+        # onnxruntime (1.32) rewrites into a Gemm with a QuantizeLinear of the wrong type
+        flat = self.act_quant(x.reshape(-1, x.shape[-1]))
+        out = F.linear(flat, self.weight_quant(self.weight), self.bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def _conv_args(m: nn.Conv2d) -> dict:

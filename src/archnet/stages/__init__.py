@@ -231,12 +231,14 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(old: ConvertConfig, new: ConvertConfig) -> dict[str, tuple[Any, Any]]:
-    """Dotted keys whose values differ, with (stored, new); an unset input size is not a change
-    (it is resolved when the run is created)."""
+    """Dotted keys whose values differ, with (stored, new); an unset input size and task "auto"
+    are not changes (both are resolved when the run is created)."""
     a, b = _flat(old.to_dict()), _flat(new.to_dict())
     changes = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
     if new.input_size is None:
         changes.pop("input_size", None)
+    if new.task == "auto":
+        changes.pop("task", None)
     return changes
 
 
@@ -261,6 +263,8 @@ def reconcile(store: RunStore, new: ConvertConfig) -> None:
         return
     if new.input_size is None:
         new.input_size = store.config.input_size
+    if new.task == "auto":
+        new.task = store.config.task
     shown = {k: f"{k} (stored {a!r}, now {b!r})" for k, (a, b) in changes.items()}
     fixed = [shown[k] for k in changes if first_stage(k) == "prepare"]
     if fixed:

@@ -124,7 +124,10 @@ def train_student(
         if common.mode(store) == "archnet":
             line = bar.add_task(label, total=total_steps(len(images), len(names), arch_cfg))
             step = lambda _loss: bar.advance(line)  # noqa: E731
-            return arch_distill(student, store.teacher, images, names, arch_cfg, on_step=step, **kw)
+            layouts = [s.layout for s in common.specs(store)]
+            return arch_distill(
+                student, store.teacher, images, names, arch_cfg, on_step=step, layouts=layouts, **kw
+            )
         cfg = store.config.finetune
         line = bar.add_task(label, total=cfg.epochs * -(-len(images) // cfg.batch_size))
         step = lambda _loss: bar.advance(line)  # noqa: E731

@@ -92,7 +92,7 @@ def _why_unserved(spec: BlockSpec, rejected: dict[str, str]) -> str:
             f"its {spec.layout} stream {spec.in_shape} -> {spec.out_shape} changes length, and "
             "the families serving that layout (skip, linear) keep it"
         )
-    if spec.stride == 0:
+    if spec.stride == 0 and spec.strides is None:
         return f"it does not down-sample by an integer factor ({spec.in_shape} -> {spec.out_shape})"
     if rejected:
         reasons = "; ".join(f"{n}: {r}" for n, r in list(rejected.items())[:3])

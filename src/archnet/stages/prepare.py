@@ -114,6 +114,8 @@ def create(store: RunStore, teacher: nn.Module, data: DataArg, eval_data: DataAr
     parts = splits(data, eval_data, cfg)
     teacher = teacher.eval().cpu()
     specs = find_blocks(teacher, tuple(cfg.input_size), cfg.blocks)
+    if cfg.task == "auto":
+        cfg.task = _task_from_outputs(teacher, parts.blob["train_images"][:16])
     torch.save(parts.blob, store.path("data.pt"))
     torch.save(teacher, store.path("teacher.pt"))
     store.save_config()
@@ -126,6 +128,17 @@ def create(store: RunStore, teacher: nn.Module, data: DataArg, eval_data: DataAr
         fingerprint=fingerprint(teacher, parts.blob),
     )
     store.save("prepare.json", result)
+
+
+@torch.no_grad()
+def _task_from_outputs(teacher: nn.Module, images: torch.Tensor) -> str:
+    """The task the teacher's outputs on a few training images imply (``task = "auto"``)."""
+    from archnet.stages.common import console
+    from archnet.tasks import output_kind
+
+    name, why = output_kind(teacher(images.float()))
+    console.print(f"[bold]task[/] {name}: {why} (name another with --task)")
+    return name
 
 
 def fingerprint_of(

@@ -224,17 +224,26 @@ class Graph:
     @functools.cached_property
     def removed(self) -> frozenset[int]:
         """Indices of nodes no chip ever runs: aliases, and nodes computed from constants alone
-        (folded at compile time)."""
+        (folded at compile time). The ``Shape`` of a tensor whose shape is fixed is such a
+        constant (a ViT's class token broadcast to the batch is one in a fixed-shape export)."""
         constant = {t.name for t in self.model.graph.initializer}
         removed: set[int] = set()
         for i, node in enumerate(self.model.graph.node):
             inputs = [name for name in node.input if name]
-            if node.op_type == "Constant" or (inputs and all(name in constant for name in inputs)):
+            if (
+                node.op_type == "Constant"
+                or (inputs and all(name in constant for name in inputs))
+                or (node.op_type == "Shape" and self._static(node.input[0]))
+            ):
                 removed.add(i)
                 constant.update(node.output)
             elif node.op_type in ALIAS_OPS:
                 removed.add(i)
         return frozenset(removed)
+
+    def _static(self, name: str) -> bool:
+        shape = self.shape(name)
+        return shape is not None and None not in shape
 
     def kept_nodes(self) -> list[onnx.NodeProto]:
         """The nodes a compiler keeps, in graph order."""

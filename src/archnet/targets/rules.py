@@ -203,6 +203,40 @@ def _quantized_only(node: _Node, rules: Rules) -> Iterator[_Result]:
         yield Finding("quantized_only", f"input={name}", message)
 
 
+def _softmax_axis(node: _Node, rules: Rules) -> Iterator[_Result]:
+    """Softmax over the last axis only: the attention row a chip's softmax unit reduces."""
+    if not rules.softmax_last_axis:
+        return
+    axis = node.attr("axis")
+    axis = -1 if axis is None else int(axis)  # opset 13+: the default axis is -1
+    if axis == -1:
+        return
+    shape = node.graph.shape(node.tensor(0))
+    if shape is None:
+        yield Unknown("softmax_last_axis", f"axis={axis}: {node.graph.why_unknown(node.tensor(0))}")
+    elif axis != len(shape) - 1:
+        yield Finding(
+            "softmax_last_axis",
+            f"axis={axis}",
+            f"axis={axis} of a rank-{len(shape)} input is not the last",
+        )
+
+
+def _matmul_rank(node: _Node, rules: Rules) -> Iterator[_Result]:
+    """Batched matrix products up to ``matmul_max_rank`` axes (e.g. 4: batch, heads, rows, cols)."""
+    if rules.matmul_max_rank is None:
+        return
+    for index in (0, 1):
+        name = node.tensor(index)
+        shape = node.graph.shape(name) if name else None
+        if shape is None:
+            yield Unknown(
+                "matmul_max_rank", f"rank of '{name}' unknown: {node.graph.why_unknown(name)}"
+            )
+        elif len(shape) > rules.matmul_max_rank:
+            yield Finding("matmul_max_rank", f"rank={len(shape)}")
+
+
 def _pool_kernel(node: _Node) -> list[int] | Unread:
     kernel = node.attr("kernel_shape")  # required by the ONNX spec
     if kernel is None:
@@ -230,7 +264,12 @@ CHECKS: dict[str, Sequence[_Check]] = {
     "MaxPool": _POOL,
     "AveragePool": _POOL,
     "Gemm": (_max_channels(_gemm_features, ("in_features", "out_features")), _quantized_only),
-    "MatMul": (_max_channels(_matmul_features, ("in_features", "out_features")), _quantized_only),
+    "MatMul": (
+        _max_channels(_matmul_features, ("in_features", "out_features")),
+        _matmul_rank,
+        _quantized_only,
+    ),
+    "Softmax": (_softmax_axis,),
 }
 
 

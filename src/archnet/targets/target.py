@@ -53,6 +53,8 @@ class Rules:
     pool_strides: Pairs | None = None
     max_channels: int | None = None
     quantized_only: bool = False
+    softmax_last_axis: bool = False  # Softmax only over the innermost axis (attention rows)
+    matmul_max_rank: int | None = None  # batched MatMul: at most this many axes per operand
 
     def __bool__(self) -> bool:
         """True when any rule is set, so callers can skip attribute checks on open targets."""
@@ -232,6 +234,8 @@ _RULES: dict[str, _Kind] = {
     "pool_strides": _PAIRS,
     "max_channels": _Kind(_is_positive_int, lambda: "a positive integer"),
     "quantized_only": _Kind(_is_bool, lambda: "true or false"),
+    "softmax_last_axis": _Kind(_is_bool, lambda: "true or false"),
+    "matmul_max_rank": _Kind(_is_positive_int, lambda: "a positive integer"),
 }
 
 

@@ -6,17 +6,27 @@ outputs, the metrics a user reads, and how closely a student follows its teacher
 classification is the first task; others (translation) register next to it.
 """
 
-from archnet.tasks.base import METRICS, Task, decisions, get_task, list_tasks, register_task
+from archnet.tasks.base import (
+    METRICS,
+    Task,
+    decisions,
+    get_task,
+    list_tasks,
+    output_kind,
+    register_task,
+)
 from archnet.tasks.classification import ImageClassification
-from archnet.tasks.outputs import MultiLabel
+from archnet.tasks.outputs import MultiLabel, Regression
 
 __all__ = [
     "METRICS",
     "ImageClassification",
     "MultiLabel",
+    "Regression",
     "Task",
     "decisions",
     "get_task",
     "list_tasks",
+    "output_kind",
     "register_task",
 ]

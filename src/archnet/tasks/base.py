@@ -11,12 +11,29 @@ from torch import nn
 
 from archnet.errors import ArchnetError
 
-__all__ = ["Task", "decisions", "get_task", "list_tasks", "output_similarity", "register_task"]
+__all__ = [
+    "Task",
+    "decisions",
+    "get_task",
+    "list_tasks",
+    "output_kind",
+    "output_similarity",
+    "register_task",
+]
 
 # the metrics tasks report, every one a percentage, and how a report names them
-METRICS = {"top1": "top-1", "label_accuracy": "label accuracy", "exact_match": "exact match"}
+METRICS = {
+    "top1": "top-1",
+    "label_accuracy": "label accuracy",
+    "exact_match": "exact match",
+    "explained_variance": "explained variance",
+}
 # the agreement figure of each task that counts equal decisions, and how a report says it
-DECISIONS = {"argmax_agreement": "same class", "label_agreement": "same label decisions"}
+DECISIONS = {
+    "argmax_agreement": "same class",
+    "label_agreement": "same label decisions",
+    "close_agreement": "same output within 10%",
+}
 
 
 def decisions(agreement: dict[str, Any]) -> tuple[str, float]:
@@ -96,3 +113,20 @@ def get_task(name: str) -> Task:
     if name not in _tasks:
         raise ArchnetError(f"unknown task {name!r}; use one of: {', '.join(_tasks)}")
     return _tasks[name]()
+
+
+@torch.no_grad()
+def output_kind(outputs: torch.Tensor) -> tuple[str, str]:
+    """(task name, why) read from a teacher's outputs on a batch, for ``task = "auto"``.
+
+    One value per sample is a regression; rows of probabilities (in [0, 1]) that do not sum to
+    one are independent sigmoids; anything else with two or more values per sample is read as
+    class logits, the common case (logits alone cannot tell a softmax from sigmoids: name the
+    task when the model is multi-label and ends in logits)."""
+    flat = outputs.reshape(len(outputs), -1).float()
+    if flat.shape[1] == 1:
+        return "regression", "one output value per sample"
+    probabilities = bool(((flat >= 0) & (flat <= 1)).all())
+    if probabilities and not torch.allclose(flat.sum(1), torch.ones(len(flat)), atol=1e-3):
+        return "multilabel", "outputs in [0, 1] that do not sum to 1 (sigmoids)"
+    return "classification", f"{flat.shape[1]} outputs per sample (class logits)"

@@ -1,5 +1,6 @@
-"""Tasks for other kinds of outputs than one softmax: independent sigmoids (multi-label). What
-differs is the distillation loss and the figures; data and forward are the image classifier's."""
+"""Tasks for other kinds of outputs than one softmax: independent sigmoids (multi-label) and
+real values (regression). What differs is the distillation loss and the figures; data and
+forward are the image classifier's."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import torch.nn.functional as F
 
 from archnet.tasks.base import Task, output_similarity, register_task
 
-__all__ = ["MultiLabel"]
+__all__ = ["CLOSE", "MultiLabel", "Regression"]
+
+#: a regression output "agrees" with its teacher within this relative error (in norm)
+CLOSE = 0.1
 
 
 @register_task("multilabel")
@@ -45,4 +49,38 @@ class MultiLabel(Task):
             "label_agreement": float(same.float().mean()),
             **output_similarity(student_out, teacher_out),
             "kl": self.divergence(student_out, teacher_out),
+        }
+
+
+@register_task("regression")
+class Regression(Task):
+    """Real-valued outputs: distilled by the mean squared error relative to the teacher's output
+    energy (scale-free, so one temperature-free loss serves any units), measured by the share of
+    the targets' variance explained."""
+
+    def distill_loss(
+        self, student_out: torch.Tensor, teacher_out: torch.Tensor, temperature: float = 1.0
+    ) -> torch.Tensor:
+        s, t = student_out.flatten(1).float(), teacher_out.flatten(1).float()
+        return (s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
+
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        y, p = targets.float().reshape(len(targets), -1), outputs.float().reshape(len(outputs), -1)
+        residual = (y - p).pow(2).sum()
+        total = (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return {"explained_variance": float((1 - residual / total) * 100)}
+
+    @torch.no_grad()
+    def agreement(self, student_out: torch.Tensor, teacher_out: torch.Tensor) -> dict[str, float]:
+        """``close_agreement``: share of samples whose output is within ``CLOSE`` of the
+        teacher's, measured against the teacher's typical output size (its root mean square
+        over the split: per-sample ratios explode where a target is near zero);
+        ``relative_mse``: the same scale-free error as the loss; ``cosine`` per sample."""
+        s, t = student_out.flatten(1).float(), teacher_out.flatten(1).float()
+        scale = t.pow(2).sum(1).mean().sqrt().clamp_min(1e-12)
+        close = (s - t).norm(dim=1) <= CLOSE * scale
+        return {
+            "close_agreement": float(close.float().mean()),
+            "relative_mse": float(self.distill_loss(s, t)),
+            "cosine": output_similarity(s, t)["cosine"],
         }
