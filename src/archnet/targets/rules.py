@@ -208,7 +208,12 @@ def _softmax_axis(node: _Node, rules: Rules) -> Iterator[_Result]:
     if not rules.softmax_last_axis:
         return
     axis = node.attr("axis")
-    axis = -1 if axis is None else int(axis)  # opset 13+: the default axis is -1
+    if axis is None:  # the default: -1 from opset 13, 1 (a flattening softmax) before
+        opset = next(
+            (o.version for o in node.graph.model.opset_import if o.domain in ("", "ai.onnx")), 13
+        )
+        axis = -1 if opset >= 13 else 1
+    axis = int(axis)
     if axis == -1:
         return
     shape = node.graph.shape(node.tensor(0))
