@@ -1,8 +1,9 @@
 """Find a teacher's blocks and record their shapes, layouts and context inputs.
 
 A *block* is a submodule (by qualified name) called once per forward with a stream tensor
-first (plus any context: masks, flags) that returns a tensor, or a tuple led by one. The pipeline replaces blocks one at a time, so everything else
-(stem, head, glue) stays the teacher's.
+first (plus any context: masks, flags) that returns a tensor, or a tuple led by one. The
+pipeline replaces blocks one at a time, so everything else (stem, head, glue) stays the
+teacher's.
 """
 
 from __future__ import annotations
@@ -47,17 +48,13 @@ class BlockSpec:
 
     @property
     def stride(self) -> int:
-        """Spatial down-sampling factor, 0 when the block does not shrink by an integer factor."""
+        """Spatial down-sampling factor, 0 when the block does not shrink every spatial axis by
+        one integer factor (see ``strides`` for per-axis factors)."""
         axes = _SPATIAL_AXES.get(self.layout)
         if axes is None or len(self.in_shape) <= max(axes):  # tokens, vectors: no spatial axes
             return 1 if self.in_shape[:-1] == self.out_shape[:-1] else 0
-        if len(self.out_shape) != len(self.in_shape):
-            return 0
-        sides = [(self.in_shape[a], self.out_shape[a]) for a in axes]
-        factor = sides[0][0] // sides[0][1] if sides[0][1] else 0
-        if not factor or any(i != o * factor for i, o in sides):
-            return 0
-        return factor
+        factors = self.strides
+        return factors[0] if factors and len(set(factors)) == 1 else 0
 
     @property
     def strides(self) -> tuple[int, ...] | None:

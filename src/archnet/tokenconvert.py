@@ -40,6 +40,7 @@ __all__ = [
     "TokenPool",
     "attend",
     "exact_attention",
+    "plain_attention",
     "restrict_block",
 ]
 
@@ -161,11 +162,17 @@ class MatMulAttention(nn.Module):
         return new
 
 
+def plain_attention(attn: nn.Module | None) -> bool:
+    """Whether ``attn`` is plain scaled-dot-product attention: no q/k norms, output norm or
+    gate (parts a split into q/k/v, or a cut to fewer heads, would drop)."""
+    parts = (getattr(attn, n, None) for n in ("q_norm", "k_norm", "norm", "gate"))
+    return attn is not None and all(p is None or isinstance(p, nn.Identity) for p in parts)
+
+
 @register_converter(TimmAttention, "TokenAttention")
 def exact_attention(m: nn.Module) -> nn.Module | None:
-    """timm's attention (plain: no q/k norm, output norm or gate) and the cut ``TokenAttention``."""
-    parts = [getattr(m, n, None) for n in ("q_norm", "k_norm", "norm", "gate")]
-    if not all(p is None or isinstance(p, nn.Identity) for p in parts):
+    """timm's attention (plain, see :func:`plain_attention`) and the cut ``TokenAttention``."""
+    if not plain_attention(m):
         return None
     heads = getattr(m, "num_heads", None) or getattr(m, "heads", None)
     return MatMulAttention.from_fused(m.qkv, m.proj, heads, getattr(m, "scale", None))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from archnet.blocks import BlockSpec
+from archnet.tokenconvert import plain_attention, restrict_block
 
 from ._registry import register_candidate
 
@@ -33,14 +34,10 @@ def is_vit_block(block: nn.Module | None) -> bool:
     with plain scaled-dot-product attention (no q/k norms, output norm or gate, which the cut
     would drop) and no norm inside the MLP."""
     attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
-    plain = all(
-        isinstance(getattr(part, n, None), (nn.Identity, type(None)))
-        for part, names in ((attn, ("q_norm", "k_norm", "norm", "gate")), (mlp, ("norm",)))
-        for n in names
-    )
     return (
         block is not None
-        and plain
+        and plain_attention(attn)
+        and isinstance(getattr(mlp, "norm", None), (nn.Identity, type(None)))
         and all(hasattr(block, n) for n in ("norm1", "norm2"))
         and isinstance(getattr(attn, "qkv", None), nn.Linear)
         and isinstance(getattr(attn, "proj", None), nn.Linear)
@@ -188,8 +185,6 @@ _ARCHNET_VARIANTS = {
 for _name, (_heads, _ffn) in _ARCHNET_VARIANTS.items():
 
     def _restricted(spec, teacher, heads=_heads, ffn=_ffn):  # noqa: ANN001
-        from archnet.tokenconvert import restrict_block
-
         block = _build(spec, teacher, heads, ffn, nn.ReLU)
         return None if block is None else restrict_block(block)
 
