@@ -86,6 +86,7 @@ def inputs(student_ms: float = 1.0, predicted_ms: float = 1.1, **kw) -> ReportIn
             },
             pareto=[],
             table={"blocks": blocks},
+            reranked=[],
         ),
         "assemble": AssembleResult(
             mode="hant",

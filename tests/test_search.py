@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -18,6 +19,7 @@ from archnet.search import (
     pareto_sweep,
     plot_pareto,
     solve,
+    solve_top,
 )
 
 
@@ -87,6 +89,41 @@ def test_solve_matches_brute_force(seed: int) -> None:
     assert got.objective == pytest.approx(table.objective(got.choice))
     assert got.names == [table.candidates[b][c] for b, c in enumerate(got.choice)]
     assert got.totals["latency_ms"] == pytest.approx(table.total("latency_ms", got.choice))
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("distance", [1, 2])
+def test_solve_top_matches_enumeration(seed: int, distance: int) -> None:
+    """The k best students each ``distance`` blocks from every better one: the same as ranking
+    every feasible student and taking them greedily."""
+    rng = np.random.default_rng(100 + seed)
+    table = random_table(rng, int(rng.integers(3, 6)), 4)
+    lo, hi = minimum(table, "latency_ms"), brute_force(table, None).totals["latency_ms"]
+    budgets = {"latency_ms": lo + 0.6 * (hi - lo)}
+    feasible = sorted(
+        (table.objective(c), c)
+        for c in itertools.product(*(range(len(p)) for p in table.candidates))
+        if table.total("latency_ms", c) <= budgets["latency_ms"]
+    )
+    expected: list[tuple[int, ...]] = []
+    for _, c in feasible:
+        if all(sum(a != b for a, b in zip(c, e)) >= distance for e in expected):
+            expected.append(c)
+    got = solve_top(table, budgets, 4, min_distance=distance)
+    assert len(got) == min(4, len(expected))
+    objectives = [r.objective for r in got]
+    assert objectives == sorted(objectives)
+    want = [table.objective(c) for c in expected[: len(got)]]
+    assert objectives == pytest.approx(want, rel=1e-7, abs=1e-9)
+    for i, r in enumerate(got):
+        assert_within(table, r)
+        assert all(sum(a != b for a, b in zip(r.choice, e.choice)) >= distance for e in got[:i])
+
+
+def test_solve_top_stops_when_the_space_is_exhausted() -> None:
+    t = tiny_table()  # six students, all within a loose budget
+    got = solve_top(t, {"latency_ms": 10.0}, 10)
+    assert sorted(tuple(r.choice) for r in got) == sorted(itertools.product(range(2), range(3)))
 
 
 def test_minimum_and_total_include_offset() -> None:

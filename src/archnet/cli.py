@@ -56,6 +56,7 @@ _OPTIONS = {
     "eval_data": "eval_data",
     "seed": "seed",
     "max_samples": "max_samples",
+    "rerank": "rerank",
     "epochs": "blockwise.epochs",
     "finetune_epochs": "finetune.epochs",
     "workers": "blockwise.workers",
@@ -401,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--finetune-epochs", type=int, help="end-to-end distillation epochs")
     c.add_argument("--workers", type=int, help="processes for candidate training")
     c.add_argument("--max-samples", type=int, help="cap on unlabeled training images")
+    c.add_argument(
+        "--rerank",
+        type=int,
+        help="try the K best students of the ILP with a short end-to-end fine-tune each and "
+        "keep the one closest to the teacher on the selection split (default 0: the ILP's best)",
+    )
     c.add_argument("--seed", type=int, help="fixes the splits, initialisations and batch order")
     c.add_argument(
         "--latency-cache",
@@ -417,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--params-budget")
     s.add_argument("--macs-budget")
     s.add_argument("--size-budget")
+    s.add_argument("--rerank", type=int)
 
     e = sub.add_parser("export", help="finish a run: assemble, fine-tune, export ONNX, report")
     e.add_argument("--run", required=True)

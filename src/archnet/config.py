@@ -80,6 +80,12 @@ class ConvertConfig:
     # labelled evaluation images each choice's swapped teacher is scored on, to measure how
     # well the proxies rank candidates (a forward per choice each; 0: not measured)
     proxy_images: int = 1000
+    # the ILP's summed replace-one-block scores ignore how blocks interact and how well a
+    # student recovers in the end-to-end stage; with rerank = K > 1 the K best students it
+    # finds (each two or more blocks apart) are assembled, fine-tuned for one pass over
+    # rerank_samples training images, and the lowest selection KL wins (0 or 1: the ILP's best)
+    rerank: int = 0
+    rerank_samples: int = 4000
     blockwise: BlockwiseConfig = field(default_factory=BlockwiseConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     arch: ArchDistillConfig = field(default_factory=ArchDistillConfig)
@@ -113,6 +119,11 @@ class ConvertConfig:
             raise ArchnetError(f"budget_margin {self.budget_margin} must be in [0, 0.5)")
         if self.ablation_seeds < 1:
             raise ArchnetError(f"ablation_seeds {self.ablation_seeds} must be at least 1")
+        if self.rerank < 0 or self.rerank_samples < 1:
+            raise ArchnetError(
+                f"rerank {self.rerank} must be 0 or more and rerank_samples "
+                f"{self.rerank_samples} at least 1"
+            )
 
     def _validate_bits(self) -> None:
         from archnet.quant import parse_bits

@@ -131,6 +131,9 @@ class SearchOutcome(Result):
     result: dict[str, Any]  # search.SearchResult.to_json()
     pareto: list[dict[str, Any]]
     table: dict[str, Any]  # search.SearchTable.to_json()
+    # with rerank: every student tried, best of the ILP first (names, objective,
+    # predicted_latency_ms, kl_assembled, kl_recovered); empty without
+    reranked: list[dict[str, Any]]
 
     @property
     def names(self) -> list[str]:

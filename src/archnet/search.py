@@ -47,6 +47,7 @@ __all__ = [
     "pareto_sweep",
     "plot_pareto",
     "solve",
+    "solve_top",
 ]
 
 # Weight of the tie-break term relative to the largest score. The whole term sums to at most this
@@ -246,13 +247,17 @@ def solve(
     time_limit_s: float = 60.0,
     *,
     reference: dict[str, float] | None = None,
+    exclude: Sequence[Sequence[int]] = (),
+    min_distance: int = 1,
 ) -> SearchResult:
     """Best student (lowest summed score) whose cost totals are all within ``budgets``.
 
     ``budgets`` maps cost names to whole-network limits (offsets included); ``None`` values are
     ignored. ``reference`` (e.g. the teacher's totals) only improves the error message when a budget
-    is infeasible. The result's status is ``"optimal"``, or ``"time_limit"`` when the solver stopped
-    early with a feasible but possibly suboptimal student.
+    is infeasible. ``exclude`` lists choices to stay away from: the result differs from each in at
+    least ``min_distance`` blocks (one no-good cut each), which is how :func:`solve_top` finds
+    the next best. The result's status is ``"optimal"``, or ``"time_limit"`` when the solver
+    stopped early with a feasible but possibly suboptimal student.
     """
     t0 = time.perf_counter()
     _check_solvable(table)
@@ -279,6 +284,10 @@ def solve(
         # Rows scaled to unit size: params (1e6) and latency (1e-1) then have equal numerics.
         scale = float(np.abs(coef).max()) or 1.0
         constraints.append(LinearConstraint(coef[None, :] / scale, -np.inf, rhs / scale))
+    for other in exclude:  # at most n - min_distance of its picks
+        picks = np.zeros(n_var)
+        picks[starts[:-1] + np.asarray(other, dtype=np.int64)] = 1.0
+        constraints.append(LinearConstraint(picks[None, :], -np.inf, len(sizes) - min_distance))
 
     with _quiet_stdout():
         res = milp(
@@ -300,9 +309,41 @@ def solve(
 
     x = np.asarray(res.x)
     choice = [int(np.argmax(np.round(x[starts[b] : starts[b + 1]]))) for b in range(len(sizes))]
-    choice = _polish(table, choice, budgets, ok, tie)
+    choice = _polish(table, choice, budgets, ok, tie, exclude, min_distance)
     status = "optimal" if res.status == 0 else "time_limit" if res.status == 1 else "feasible"
     return _result(table, choice, budgets, status, time.perf_counter() - t0)
+
+
+def solve_top(
+    table: SearchTable,
+    budgets: dict[str, float] | None,
+    k: int,
+    time_limit_s: float = 60.0,
+    *,
+    reference: dict[str, float] | None = None,
+    min_distance: int = 1,
+) -> list[SearchResult]:
+    """The ``k`` best students within ``budgets``, best first, each differing from every earlier
+    one in at least ``min_distance`` blocks (fewer when the space holds fewer): the ILP solved
+    again with each earlier answer cut off."""
+    out: list[SearchResult] = []
+    for _ in range(max(k, 1)):
+        try:
+            out.append(
+                solve(
+                    table,
+                    budgets,
+                    time_limit_s,
+                    reference=reference,
+                    exclude=[r.choice for r in out],
+                    min_distance=min_distance,
+                )
+            )
+        except ArchnetError:  # infeasible: every student left is too close or too costly
+            if not out:
+                raise
+            break
+    return out
 
 
 def brute_force(table: SearchTable, budgets: dict[str, float] | None) -> SearchResult:
@@ -551,8 +592,11 @@ def _polish(
     budgets: dict[str, float],
     ok: list[np.ndarray],
     tie: list[np.ndarray],
+    exclude: Sequence[Sequence[int]] = (),
+    min_distance: int = 1,
 ) -> list[int]:
-    """Apply single-block swaps that lower (score, tie-break, index) and keep every budget.
+    """Apply single-block swaps that lower (score, tie-break, index), keep every budget and stay
+    ``min_distance`` blocks away from every ``exclude``d choice.
 
     This makes tie-breaking exact where the solver's optimality tolerance left it open, and removes
     any small suboptimality left by a time limit. Each swap strictly lowers the lexicographic
@@ -578,7 +622,7 @@ def _polish(
                     totals[k] - table.costs[k][b][cur] + table.costs[k][b][c] <= limit[k]
                     for k in budgets
                 )
-                if fits:
+                if fits and _far(choice[:b] + [c] + choice[b + 1 :], exclude, min_distance):
                     best = c
             if best != cur:
                 for k in budgets:
@@ -586,6 +630,10 @@ def _polish(
                 choice[b] = best
                 changed = True
     return choice
+
+
+def _far(choice: list[int], exclude: Sequence[Sequence[int]], min_distance: int) -> bool:
+    return all(sum(a != b for a, b in zip(choice, e)) >= min_distance for e in exclude)
 
 
 def _result(

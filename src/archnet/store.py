@@ -64,6 +64,18 @@ def read_json(path: Path) -> Any:
         raise CorruptResult(f"not valid JSON ({type(e).__name__})") from None
 
 
+def read_part(path: Path, key: str) -> Any:
+    """The value a resumable step saved at ``path`` as ``{"key": key, "score": value}``; None
+    when it is missing, unreadable, or was saved under another key (other settings)."""
+    try:
+        part = read_json(path)
+    except ValueError:
+        return None
+    if not isinstance(part, dict) or part.get("key") != key or "score" not in part:
+        return None
+    return part["score"]
+
+
 def prepare_directory(root: Path) -> None:
     """Create ``root`` or fail in one line: it is a file, or it cannot be written."""
     if root.exists() and not root.is_dir():

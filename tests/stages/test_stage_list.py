@@ -27,6 +27,7 @@ def test_the_stages_run_in_one_explicit_order():
         ("bits", "candidates"),
         ("latency.repeats", "latency"),
         ("blockwise.epochs", "distill"),
+        ("blockwise.max_samples", "features"),
         ("budget", "search"),
         ("size_budget", "search"),
         ("finetune.lr", "assemble"),
@@ -74,3 +75,15 @@ def test_each_mode_ignores_the_other_modes_schedule():
     assert first_stage("arch.global_epochs", hant) is None
     assert first_stage("finetune.epochs", archnet) is None
     assert first_stage("arch.global_epochs", archnet) == first_stage("finetune.epochs", hant)
+
+
+def test_re_ranking_makes_the_search_read_the_fine_tune_settings():
+    hant, archnet = ConvertConfig(target="cpu-ort"), ConvertConfig(target="archnet-5op")
+    assert first_stage("finetune.lr", hant) == "assemble"
+    assert first_stage("finetune.lr", archnet) is None
+    hant.rerank = archnet.rerank = 4
+    assert first_stage("finetune.lr", hant) == first_stage("finetune.lr", archnet) == "search"
+    # the pass is one epoch whatever the end-to-end stage runs
+    assert first_stage("finetune.epochs", hant) == "assemble"
+    assert first_stage("finetune.epochs", archnet) is None
+    assert first_stage("rerank_samples", hant) == "search"

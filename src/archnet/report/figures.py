@@ -136,6 +136,9 @@ def build_report(r: ReportInputs) -> dict[str, Any]:
                 {"latency_ms": p["totals"]["latency_ms"], "objective": p["objective"]}
                 for p in r.search.pareto
             ],
+            "reranked": [
+                {**row, "chosen": row["names"] == r.search.names} for row in r.search.reranked
+            ],
         },
         "unserved_blocks": r.pool.unserved,
         "proxies": _proxy_quality(r.scores.scores),

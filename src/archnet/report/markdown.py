@@ -113,6 +113,7 @@ def _search_lines(rep: dict[str, Any]) -> list[str]:
         )
     for name, why in rep["unserved_blocks"].items():
         lines.append(f"\nBlock {name} stays the teacher's: {why}.")
+    lines += _rerank_lines(se["reranked"])
     p = rep["proxies"]
     lines += ["", "## How well the proxies predict accuracy", ""]
     if "note" in p:
@@ -123,6 +124,27 @@ def _search_lines(rep: dict[str, Any]) -> list[str]:
             f"(evaluation split), over {p['candidates']} trained candidates (more negative is "
             f"better): blockwise NMSE {_fmt(p['spearman_val_nmse_vs_top1'], '.2f')}, "
             f"replace-one-block KL {_fmt(p['spearman_kl_vs_top1'], '.2f')}."
+        )
+    return lines
+
+
+def _rerank_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"The ILP's {len(rows)} best students (each two or more blocks apart), each assembled "
+        "and fine-tuned for one short pass; the lowest selection KL after it was chosen:",
+        "",
+        "| # | choices | summed score | latency, predicted (ms) | KL assembled | "
+        "KL after the pass | |",
+        "|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for i, row in enumerate(rows, 1):
+        lines.append(
+            f"| {i} | {', '.join(row['names'])} | {row['objective']:.4f} | "
+            f"{row['predicted_latency_ms']:.3f} | {row['kl_assembled']:.4f} | "
+            f"{row['kl_recovered']:.4f} | {'chosen' if row['chosen'] else ''} |"
         )
     return lines
 

@@ -47,6 +47,7 @@ from archnet.stages import (
     search,
 )
 from archnet.stages.common import console, resolve_mode, warn
+from archnet.stages.search import RERANK_FINETUNE
 from archnet.store import STATE, RunStore, read_json
 
 
@@ -57,6 +58,7 @@ class Stage:
     result: type[Result] | None  # what it returns, kept in ``file``
     file: str | None
     keys: tuple[str, ...] = ()  # config keys (fnmatch on dotted names) it depends on
+    reads: Callable[[ConvertConfig], tuple[str, ...]] | None = None  # more, as configured
     verify: Callable[[RunStore], str | None] | None = None  # why its files can't be used
     check: Callable[[RunStore], None] | None = None  # raises when the run cannot go on
 
@@ -127,7 +129,14 @@ STAGES: list[Stage] = [
         keys=("latency.*",),
         check=latency.check_budgets,
     ),
-    Stage("features", features.run, FeaturesResult, "features.json", verify=features.verify),
+    Stage(
+        "features",
+        features.run,
+        FeaturesResult,
+        "features.json",
+        keys=("blockwise.max_samples",),
+        verify=features.verify,
+    ),
     Stage(
         "distill",
         distill.run,
@@ -142,7 +151,15 @@ STAGES: list[Stage] = [
         search.run,
         SearchOutcome,
         "search.json",
-        keys=("budget", "budget_margin", "params_budget", "macs_budget", "size_budget"),
+        keys=(
+            "budget",
+            "budget_margin",
+            "params_budget",
+            "macs_budget",
+            "size_budget",
+            "rerank*",
+        ),
+        reads=lambda config: RERANK_FINETUNE if config.rerank > 1 else (),
     ),
     Stage(
         "assemble",
@@ -172,8 +189,10 @@ def unread(config: ConvertConfig) -> tuple[str, ...]:
     """Options this run never reads: changing them on resume re-runs nothing. A float run
     ignores the quantization options; each mode ignores the other's end-to-end schedule."""
     quant = () if config.bits else ("blockwise.quant_*", "first_last", "bit_choices")
-    other = "finetune.*" if resolve_mode(config) == "archnet" else "arch.*"
-    return (*quant, other)
+    if resolve_mode(config) != "archnet":
+        return (*quant, "arch.*")
+    # Arch-Net's end-to-end stage is Arch-Distillation; only re-ranking reads finetune.*
+    return (*quant, "finetune.epochs" if config.rerank > 1 else "finetune.*")
 
 
 NAMES = [s.name for s in STAGES]
@@ -250,7 +269,8 @@ def first_stage(key: str, config: ConvertConfig | None = None) -> str | None:
     if config is not None and any(fnmatch(key, p) for p in unread(config)):
         return None
     for s in STAGES:
-        if any(fnmatch(key, pattern) for pattern in s.keys):
+        keys = s.keys + (s.reads(config) if s.reads and config is not None else ())
+        if any(fnmatch(key, pattern) for pattern in keys):
             return s.name
     return None
 

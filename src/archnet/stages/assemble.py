@@ -79,10 +79,13 @@ def verify(store: RunStore) -> str | None:
     return None
 
 
-def build_student(store: RunStore) -> tuple[nn.Module, list[list[str]], list[str]]:
-    """The shell with the chosen candidates (trained blockwise) swapped in, not yet trained end
-    to end; the outside conversions; and the modules that differ from the teacher's."""
-    names = store.load("search.json", SearchOutcome).names
+def build_student(
+    store: RunStore, names: list[str] | None = None
+) -> tuple[nn.Module, list[list[str]], list[str]]:
+    """The shell with the chosen candidates (``names``, one per block; default: the search's
+    choice) trained blockwise and swapped in, not yet trained end to end; the outside
+    conversions; and the modules that differ from the teacher's."""
+    names = names or store.load("search.json", SearchOutcome).names
     jobs = {(j.spec.name, j.name): j for j in all_jobs(store, choices_only=True)}
     replacements = {
         spec.name: load_candidate(jobs[(spec.name, name)], common.teacher_block(store, spec))[0]

@@ -15,7 +15,7 @@ from archnet.score import replace_one_block
 from archnet.stages import common
 from archnet.stages.distill import all_jobs
 from archnet.stages.features import cache
-from archnet.store import RunStore, read_json, write_json
+from archnet.store import RunStore, read_part, write_json
 
 
 def run(store: RunStore) -> ScoreResult:
@@ -37,8 +37,8 @@ def run(store: RunStore) -> ScoreResult:
         for job in jobs:
             key = f"{job.key(cfg, seed)}:{cap}"  # a score is the job's on these images
             part = job.path.with_suffix(".score.json")
-            score = _read_part(part, key)
-            if score is None:
+            score = read_part(part, key)
+            if not isinstance(score, dict):
                 module, metrics = load_candidate(job, common.teacher_block(store, job.spec))
                 score = replace_one_block(
                     task, store.teacher, job.spec.name, module, inputs, t_out, ev, targets
@@ -48,17 +48,3 @@ def run(store: RunStore) -> ScoreResult:
             scores.setdefault(job.spec.name, {})[job.name] = score
             bar.advance(bar_task)
     return ScoreResult(scores=scores)
-
-
-def _read_part(path, key: str) -> dict | None:
-    try:
-        part = read_json(path)
-    except ValueError:
-        return None
-    if (
-        not isinstance(part, dict)
-        or part.get("key") != key
-        or not isinstance(part.get("score"), dict)
-    ):
-        return None
-    return part["score"]
