@@ -82,8 +82,9 @@ class ConvertConfig:
     proxy_images: int = 1000
     # the ILP's summed replace-one-block scores ignore how blocks interact and how well a
     # student recovers in the end-to-end stage; with rerank = K > 1 the K best students it
-    # finds (each two or more blocks apart) are assembled, fine-tuned for one pass over
-    # rerank_samples training images, and the lowest selection KL wins (0 or 1: the ILP's best)
+    # finds (each differing from every better one in half the blocks or more) are assembled,
+    # fine-tuned for one pass over rerank_samples training images, and the lowest selection
+    # KL wins (0 or 1: the ILP's best)
     rerank: int = 0
     rerank_samples: int = 4000
     blockwise: BlockwiseConfig = field(default_factory=BlockwiseConfig)

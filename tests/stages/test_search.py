@@ -10,6 +10,7 @@ from archnet import resume
 from archnet.config import ConvertConfig
 from archnet.results import SearchOutcome
 from archnet.stages import later, run_stages
+from archnet.stages.search import rerank_distance
 from archnet.store import open_store
 
 
@@ -28,8 +29,10 @@ def test_rerank_keeps_the_student_closest_after_the_pass(reranked):
     assert len(rows) >= 2
     objectives = [r["objective"] for r in rows]
     assert objectives == sorted(objectives)  # the ILP's order: best summed score first
+    apart = rerank_distance(len(rep["blocks"]))
+    assert apart >= 2
     for i, row in enumerate(rows):  # alternatives, not twins
-        assert all(sum(a != b for a, b in zip(row["names"], o["names"])) >= 2 for o in rows[:i])
+        assert all(sum(a != b for a, b in zip(row["names"], o["names"])) >= apart for o in rows[:i])
         assert row["kl_recovered"] >= 0 and row["kl_assembled"] >= 0
     best = min(rows, key=lambda r: r["kl_recovered"])
     assert [r["names"] for r in rows if r["chosen"]] == [best["names"]]

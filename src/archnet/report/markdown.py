@@ -133,8 +133,9 @@ def _rerank_lines(rows: list[dict[str, Any]]) -> list[str]:
         return []
     lines = [
         "",
-        f"The ILP's {len(rows)} best students (each two or more blocks apart), each assembled "
-        "and fine-tuned for one short pass; the lowest selection KL after it was chosen:",
+        f"The ILP's {len(rows)} best students (each differing from every better one in half "
+        "the blocks or more), each assembled and fine-tuned for one short pass; the lowest "
+        "selection KL after it was chosen:",
         "",
         "| # | choices | summed score | latency, predicted (ms) | KL assembled | "
         "KL after the pass | |",

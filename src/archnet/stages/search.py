@@ -2,9 +2,9 @@
 
 The ILP sums replace-one-block scores, which says nothing of how the swapped blocks interact or
 how well the student recovers in the end-to-end stage: two students with equal sums can end a
-point of accuracy apart. With ``rerank = K`` the K best students the ILP finds are each
-assembled and fine-tuned for one short pass, and the one closest to the teacher on the
-selection split is chosen; each tried student's figures are saved as soon as they are known,
+point of accuracy apart. With ``rerank = K`` the K best students the ILP finds, each half the
+blocks or more away from every better one, are assembled and fine-tuned for one short pass,
+and the one closest to the teacher on the selection split is chosen; each tried student's figures are saved as soon as they are known,
 so a killed stage resumes student by student.
 """
 
@@ -28,9 +28,13 @@ RERANK_FINETUNE = tuple(
     f"finetune.{k}"
     for k in ("batch_size", "lr", "weight_decay", "temperature", "feature_weight", "shift")
 )
-# students tried are at least this many blocks apart: a one-block swap between two candidates
-# of near-equal score is a twin, not an alternative
-RERANK_DISTANCE = 2
+
+
+def rerank_distance(n_blocks: int) -> int:
+    """How many blocks apart the students tried must be: half the blocks. Students two swaps
+    apart (half the heads for half the heads and MLP, twice) share every block that decides
+    how well they recover, and score within 1% of each other after the pass."""
+    return max(2, -(-n_blocks // 2))
 
 
 def run(store: RunStore) -> SearchOutcome:
@@ -43,7 +47,7 @@ def run(store: RunStore) -> SearchOutcome:
         enforced,
         max(store.config.rerank, 1),
         reference=reference(latency),
-        min_distance=RERANK_DISTANCE,
+        min_distance=rerank_distance(len(table.blocks)),
     )
     tried = rerank(store, top) if len(top) > 1 else []
     result = (
