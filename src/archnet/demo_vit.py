@@ -63,9 +63,7 @@ def vit_config(
     )
     cfg.blockwise.max_samples = 1000 if fast else 4000
     cfg.blockwise.quant_epochs = 1 if fast else 2
-    cfg.finetune.epochs = 1 if fast else 3
-    cfg.finetune.lr = 2e-4 if bits else 1e-3
-    if not archnet:
+    if not archnet:  # the fine-tune is HANT's end-to-end stage (Arch-Net's reads cfg.arch)
         # the summed scores rank three MLP-only blocks first, which recover worst in the
         # fine-tune (0.3 points below the others, in selection KL too): try the 3 best. On
         # the students it chose, matching block outputs cost 0.15-0.2 points of top-1 and 5

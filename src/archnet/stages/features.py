@@ -28,12 +28,12 @@ def sizes(store: RunStore) -> dict[str, int]:
 
 
 def run(store: RunStore) -> FeaturesResult:
-    features = cache(store)
+    features, counts = cache(store), sizes(store)
     with common.progress_bar() as bar:
-        for split, n in sizes(store).items():
+        for split, n in counts.items():
             inputs = common.task(store).inputs(store, split)[:n]
             features.write(store.teacher, common.specs(store), inputs, split, progress=bar)
-    return FeaturesResult(splits=sizes(store))
+    return FeaturesResult(splits=counts)
 
 
 def verify(store: RunStore) -> str | None:
