@@ -79,10 +79,12 @@ def attend(
     v: Tensor,
     quant: nn.ModuleDict | None = None,
     mask: Tensor | None = None,
-) -> Tensor:
+    with_probs: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """``softmax(q k^T [+ mask]) v`` for ``(B, H, N, D)`` heads, q already scaled, written as the
     MatMul/Softmax/MatMul a chip runs; ``quant`` fake-quantizes the matmul inputs. A boolean
-    mask keeps the positions where it is True, a float one is added to the scores."""
+    mask keeps the positions where it is True, a float one is added to the scores.
+    ``with_probs`` also returns the attention probabilities (before their quantizer)."""
     kt = k.transpose(-2, -1)
     if quant is not None:  # at the matmul inputs themselves, so a runtime fuses an integer MatMul
         q, kt, v = quant["q"](q), quant["k"](kt), quant["v"](v)
@@ -92,9 +94,8 @@ def attend(
             scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         )
     probs = scores.softmax(dim=-1)
-    if quant is not None:
-        probs = quant["probs"](probs)
-    return probs @ v
+    used = probs if quant is None else quant["probs"](probs)
+    return (used @ v, probs) if with_probs else used @ v
 
 
 class MatMulAttention(nn.Module):

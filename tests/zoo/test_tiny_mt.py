@@ -161,3 +161,35 @@ def test_time_budget_stops_training_and_recipe_builds_the_model():
     assert model.config.d_model == 32 and model.config.decoder_layers == 2
     history = train_mt(model, tok, corpus, recipe, log_every=10_000)
     assert len(history) == 1 and history[0]["step"] < 10_000 and history[0]["lr"] >= 0
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    corpus = toy_corpus().head(FEW)
+    tok = train_bpe(corpus.source + corpus.target, vocab_size=120, min_frequency=1)
+    recipe = MTRecipe(batch_tokens=64, lr=1e-2, warmup=4, steps=12, dropout=0.0)
+
+    def fresh():
+        torch.manual_seed(0)
+        return build_marian(tok, d_model=16, layers=(1, 1), heads=2, ffn=32, dropout=0.0)
+
+    whole = fresh()
+    train_mt(whole, tok, corpus, recipe, log_every=4)
+
+    def stop_at_8(record):
+        if record["step"] == 8:
+            raise KeyboardInterrupt
+
+    ckpt, cut = tmp_path / "train.ckpt", fresh()
+    with pytest.raises(KeyboardInterrupt):
+        train_mt(
+            cut, tok, corpus, recipe, stop_at_8, log_every=4, checkpoint=ckpt, checkpoint_every=4
+        )
+    resumed = fresh()
+    history = train_mt(resumed, tok, corpus, recipe, log_every=4, checkpoint=ckpt)
+    assert [r["step"] for r in history] == [4, 8, 12]
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ArchnetError, match="lr changed"):
+        train_mt(
+            fresh(), tok, corpus, MTRecipe(**{**recipe.to_dict(), "lr": 5e-3}), checkpoint=ckpt
+        )
