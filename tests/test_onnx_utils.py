@@ -144,3 +144,34 @@ def test_uniform_exporters_continue_down_the_chain(monkeypatch: pytest.MonkeyPat
     assert uniform_exporters(["torchscript/opset17", "dynamo/opset18"]) == ["dynamo/opset18"]
     with pytest.raises(ArchnetError, match="no exporter"):
         common_exporter([])
+
+
+class _Scaled(nn.Module):
+    """Two inputs, one of them integer ids, two outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+
+    def forward(self, ids: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e = self.embed(ids)
+        return e + x, e.sum(-1)
+
+
+def test_export_from_example_inputs_with_names_and_dynamic_axes() -> None:
+    net, ids, x = _Scaled(), torch.tensor([[1, 2, 3]]), torch.randn(1, 3, 4)
+    names = onnx_utils.OnnxIO(
+        inputs=("ids", "x"),
+        outputs=("sum", "total"),
+        dynamic_axes={"ids": {0: "b"}, "x": {0: "b"}, "sum": {0: "b"}, "total": {0: "b"}},
+    )
+    model = export_onnx(net, args=(ids, x), names=names)
+    assert [i.name for i in model.graph.input] == ["ids", "x"]
+    assert [o.name for o in model.graph.output] == ["sum", "total"]
+    ids2, x2 = torch.tensor([[4, 5, 6], [7, 8, 9]]), torch.randn(2, 3, 4)  # another batch size
+    got = ort_session(model).run(["sum", "total"], {"ids": ids2.numpy(), "x": x2.numpy()})
+    with torch.no_grad():
+        ref = net(ids2, x2)
+    assert all(abs(g - r.numpy()).max() < 1e-5 for g, r in zip(got, ref))
+    with pytest.raises(ArchnetError, match="either"):
+        export_onnx(net, (1, 3), args=(ids, x), names=names)

@@ -84,6 +84,10 @@ def _convert(a: argparse.Namespace) -> int:
     from archnet.models import load_model
     from archnet.store import open_store
 
+    if a.task == "translation":
+        from archnet.seq2seq.cli import convert
+
+        return convert(a)
     resuming = a.resume and is_run(a.out)
     if not resuming and (not a.model or not a.data):
         raise ArchnetError("convert needs --model and --data (or --resume with an existing --out)")
@@ -328,6 +332,20 @@ def _demo_vit(a: argparse.Namespace) -> int:
     return 0
 
 
+@command("translate")
+def _translate(a: argparse.Namespace) -> int:
+    from archnet.seq2seq.cli import translate
+
+    return translate(a)
+
+
+@command("demo-mt")
+def _demo_mt(a: argparse.Namespace) -> int:
+    from archnet.seq2seq.cli import demo_mt
+
+    return demo_mt(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="archnet", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -354,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--only", help="comma-separated conversions: HANT, Arch-Net, Arch-Net W4A4")
 
     c = sub.add_parser("convert", help="convert a teacher into a student for a target")
-    c.add_argument("--model", help="timm:NAME, zoo:NAME or package.module:factory")
+    c.add_argument(
+        "--model", help="timm:NAME, zoo:NAME, package.module:factory, or hf:DIR (translation)"
+    )
     c.add_argument("--checkpoint", help="state dict (.pth) for the model")
     c.add_argument(
         "--data",
@@ -374,8 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--task",
         help="what the outputs are: 'classification' (one softmax), 'multilabel' (independent "
-        "sigmoids) or 'regression' (real values): sets the distillation loss and the figures; "
-        "default 'auto' reads it from the teacher's outputs (logits read as classes)",
+        "sigmoids), 'regression' (real values) or 'translation' (an encoder-decoder, "
+        "--model hf:DIR): sets the distillation loss and the figures; default 'auto' reads "
+        "it from the teacher's outputs (logits read as classes)",
     )
     c.add_argument("--budget", help="latency budget: fraction of the teacher ('0.5') or '2.5ms'")
     c.add_argument(
@@ -463,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("targets", help="list built-in targets")
+    from archnet.seq2seq.cli import add_parsers
+
+    add_parsers(sub)
     return p
 
 

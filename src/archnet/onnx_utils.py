@@ -17,7 +17,8 @@ import io
 import logging
 import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from archnet.errors import ArchnetError
 __all__ = [
     "EXPORTER_KEY",
     "ExportMismatchError",
+    "OnnxIO",
     "check_against_torch",
     "common_exporter",
     "eval_mode",
@@ -111,15 +113,31 @@ def sample_input(
     return torch.randn(tuple(input_shape), dtype=_float_dtype(module), device=device)
 
 
+@dataclass(frozen=True)
+class OnnxIO:
+    """Names of a graph's inputs and outputs and its dynamic axes (``{name: {axis: label}}``).
+
+    The default is the single ``input`` and ``output`` of a block exported at a fixed shape;
+    a model with several inputs (a decoder step with its caches) names each one, so a runtime
+    feeds them by name."""
+
+    inputs: tuple[str, ...] = (INPUT_NAME,)
+    outputs: tuple[str, ...] = (OUTPUT_NAME,)
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None
+
+
+_ONE_IO = OnnxIO()
+
+
 @contextlib.contextmanager
-def _one_input(module: nn.Module) -> Iterator[None]:
-    """Show the TorchScript exporter a ``forward(x)``: it fills in every further parameter's
+def _positional(module: nn.Module) -> Iterator[None]:
+    """Show the TorchScript exporter a ``forward(*xs)``: it fills in every further parameter's
     default and traces it as a tensor, so ``is_causal=False`` (timm's attention) would reach
     ``scaled_dot_product_attention`` as a tensor and fail. The module stays the root, so node
     scopes still name its layers."""
     own = module.__dict__.get("forward")
     bound = module.forward
-    module.forward = lambda x: bound(x)
+    module.forward = lambda *xs: bound(*xs)
     try:
         yield
     finally:
@@ -129,20 +147,36 @@ def _one_input(module: nn.Module) -> Iterator[None]:
             module.forward = own
 
 
-def _export_legacy(module: nn.Module, x: torch.Tensor, opset: int) -> onnx.ModelProto:
+def _as_tuple(x: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _export_legacy(
+    module: nn.Module,
+    x: torch.Tensor | tuple[torch.Tensor, ...],
+    opset: int,
+    names: OnnxIO = _ONE_IO,
+) -> onnx.ModelProto:
     buf = io.BytesIO()
-    with _one_input(module):
+    with _positional(module):
         torch.onnx.export(
             module,
-            (x,),
+            _as_tuple(x),
             buf,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            input_names=list(names.inputs),
+            output_names=list(names.outputs),
             opset_version=opset,
             do_constant_folding=True,
+            dynamic_axes=_plain_axes(names),
             dynamo=False,
         )
     return onnx.load_model_from_string(buf.getvalue())
+
+
+def _plain_axes(names: OnnxIO) -> dict[str, dict[int, str]] | None:
+    if not names.dynamic_axes:
+        return None
+    return {name: dict(axes) for name, axes in names.dynamic_axes.items()}
 
 
 # Oldest opset the dynamo exporter emits natively; older ones go through a version converter
@@ -150,14 +184,22 @@ def _export_legacy(module: nn.Module, x: torch.Tensor, opset: int) -> onnx.Model
 _DYNAMO_MIN_OPSET = 18
 
 
-def _export_dynamo(module: nn.Module, x: torch.Tensor, opset: int) -> onnx.ModelProto:
+def _export_dynamo(
+    module: nn.Module,
+    x: torch.Tensor | tuple[torch.Tensor, ...],
+    opset: int,
+    names: OnnxIO = _ONE_IO,
+) -> onnx.ModelProto:
     kwargs = {"dynamo": True, "verbose": False} if _accepts_dynamo_flag() else {}
+    axes = _plain_axes(names)
+    if axes:
+        kwargs["dynamic_axes"] = axes
     program = torch.onnx.export(
         module,
-        (x,),
+        _as_tuple(x),
         None,
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
+        input_names=list(names.inputs),
+        output_names=list(names.outputs),
         opset_version=opset,
         **kwargs,
     )
@@ -186,7 +228,9 @@ def legacy_exporter_available() -> bool:
     return True
 
 
-_Exporter = Callable[[nn.Module, torch.Tensor, int], onnx.ModelProto]
+# (module, example input(s), opset[, names]): the names are passed only when not the default
+# single input/output, so an exporter written for one input (a test's spy) keeps working.
+_Exporter = Callable[..., onnx.ModelProto]
 # In fallback order: a later exporter is the one a group of modules falls back to together.
 _EXPORTERS: dict[str, _Exporter] = {"torchscript": _export_legacy, "dynamo": _export_dynamo}
 _TAG = re.compile(r"(?P<name>[a-z_]+)/opset(?P<opset>[0-9]+)")
@@ -274,10 +318,13 @@ def stamp_exporter(model: onnx.ModelProto, tag: str | None) -> None:
 
 def export_onnx(
     module: nn.Module,
-    input_shape: tuple[int, ...],
+    input_shape: tuple[int, ...] | None = None,
     path: str | Path | None = None,
     opset: int = 17,
     exporter: str | None = None,
+    *,
+    args: tuple[torch.Tensor, ...] | None = None,
+    names: OnnxIO | None = None,
 ) -> onnx.ModelProto:
     """Export ``module`` at a fixed input shape (with batch) and check the result.
 
@@ -287,17 +334,29 @@ def export_onnx(
     ``"dynamo/opset18"``) uses that one only, so modules timed together can be exported
     alike. The tag of the exporter used and the opset it emitted is stored in the model's
     metadata under ``EXPORTER_KEY`` (read it with ``exporter_of``).
+
+    A module with several inputs, or with integer ones (token ids), is exported from the
+    example tensors ``args`` instead of a random input of ``input_shape``; ``names`` then
+    names its inputs and outputs and may declare dynamic axes (the default is one ``input``
+    and one ``output``, all shapes fixed).
     """
+    if (args is None) == (input_shape is None):
+        raise ArchnetError("export_onnx takes either an input_shape or example args, not both")
+    names = names or _ONE_IO
     chain = [exporter] if exporter is not None else export_chain(opset)
     steps = [_parse_tag(tag) for tag in chain]
     cpu_module = module if _device(module).type == "cpu" else copy.deepcopy(module).cpu()
-    x = sample_input(cpu_module, input_shape)
+    if args is None:
+        x: torch.Tensor | tuple[torch.Tensor, ...] = sample_input(cpu_module, input_shape)
+    else:
+        x = tuple(a.detach().cpu() for a in args)
+    extra = () if names == _ONE_IO else (names,)
     errors: list[str] = []
     model: onnx.ModelProto | None = None
     with eval_mode(cpu_module), _quiet(), torch.no_grad():
         for name, version in steps:
             try:
-                model = _EXPORTERS[name](cpu_module, x, version)
+                model = _EXPORTERS[name](cpu_module, x, version, *extra)
                 break
             except Exception as exc:  # reported together below
                 errors.append(f"{_tag(name, version)}: {type(exc).__name__}: {exc}")

@@ -22,7 +22,7 @@ from onnx import helper, version_converter
 from torch import nn
 
 from archnet.errors import ArchnetError
-from archnet.onnx_utils import export_onnx, exporter_of, stamp_exporter
+from archnet.onnx_utils import OnnxIO, export_onnx, exporter_of, stamp_exporter
 from archnet.quant.int4 import INT4_OPSET, int4_supported
 from archnet.quant.lsq import MIN_STEP, LSQQuantizer
 from archnet.quant.modules import QuantModule
@@ -140,10 +140,13 @@ def _check_quantizers(model: nn.Module) -> None:
 
 def export_qdq(
     model: nn.Module,
-    input_shape: tuple[int, ...],
+    input_shape: tuple[int, ...] | None = None,
     path: str | Path | None = None,
     int4: bool = True,
     exporter: str | None = None,
+    *,
+    args: tuple[torch.Tensor, ...] | None = None,
+    names: OnnxIO | None = None,
 ) -> onnx.ModelProto:
     """Export a fake-quantized model as an onnxruntime-runnable QDQ graph.
 
@@ -155,13 +158,15 @@ def export_qdq(
     as written and fully optimised; elsewhere, or with ``int4=False``, it sits in an
     INT8/UINT8 container (a ``Clip`` narrowing activations to their bit width).
     ``exporter`` forces one ONNX exporter (see ``export_onnx``); its tag is kept in metadata.
+    ``args`` and ``names`` export a model with several (or integer) inputs from example
+    tensors, as in ``export_onnx``. Every quantizer of ``model`` must be used by its forward.
     """
     _check_quantizers(model)
     tensors = _quantized_tensors(model)
     for index, entry in enumerate(tensors):
         entry.quantizer.export_id = index
     try:
-        exported = export_onnx(model, input_shape, exporter=exporter)
+        exported = export_onnx(model, input_shape, exporter=exporter, args=args, names=names)
     finally:
         for entry in tensors:
             entry.quantizer.export_id = -1
@@ -212,9 +217,14 @@ def qdq_report(model_proto: onnx.ModelProto) -> list[dict]:
 
 
 def export_any(
-    model: nn.Module, input_shape: tuple[int, ...], exporter: str | None = None
+    model: nn.Module,
+    input_shape: tuple[int, ...] | None = None,
+    exporter: str | None = None,
+    *,
+    args: tuple[torch.Tensor, ...] | None = None,
+    names: OnnxIO | None = None,
 ) -> onnx.ModelProto:
     """QDQ ONNX for a fake-quantized model, plain ONNX for a float one."""
     if any(isinstance(m, QuantModule) for m in model.modules()):
-        return export_qdq(model, input_shape, exporter=exporter)
-    return export_onnx(model, input_shape, exporter=exporter)
+        return export_qdq(model, input_shape, exporter=exporter, args=args, names=names)
+    return export_onnx(model, input_shape, exporter=exporter, args=args, names=names)

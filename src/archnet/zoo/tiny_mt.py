@@ -28,6 +28,7 @@ __all__ = [
     "MTRecipe",
     "bleu_chrf",
     "build_marian",
+    "encode",
     "length_batches",
     "load_hf_seq2seq",
     "save_seq2seq",
@@ -162,7 +163,8 @@ class MTRecipe:
         return {k: getattr(self, k) for k in keys}
 
 
-def _encode(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
+def encode(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
+    """Token ids with </s>; longer sentences are cut to ``max_len`` (</s> kept last)."""
     ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
     eos = tokenizer.eos_token_id
     return [x if len(x) <= max_len else x[: max_len - 1] + [eos] for x in ids]
@@ -287,8 +289,8 @@ def train_mt(
     if len(corpus) == 0:
         raise ArchnetError(f"{corpus.name} has no pairs to train on; give a non-empty corpus")
     torch.manual_seed(recipe.seed)
-    src = _encode(tokenizer, corpus.source, recipe.max_len)
-    tgt = _encode(tokenizer, corpus.target, recipe.max_len)
+    src = encode(tokenizer, corpus.source, recipe.max_len)
+    tgt = encode(tokenizer, corpus.target, recipe.max_len)
     lengths = [max(len(a), len(b)) for a, b in zip(src, tgt)]
     pad = tokenizer.pad_token_id
     decay = [p for n, p in model.named_parameters() if p.dim() > 1 and "embed_positions" not in n]
@@ -383,7 +385,7 @@ def translate(
 ) -> list[str]:
     """Translations in input order; batches of similar length go through `model.generate`."""
     model.eval()
-    ids = _encode(tokenizer, sentences, max_len)
+    ids = encode(tokenizer, sentences, max_len)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[str] = [""] * len(ids)
     pad = tokenizer.pad_token_id

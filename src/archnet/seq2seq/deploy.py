@@ -1,0 +1,123 @@
+"""The export stage of a translation run: the graphs a chip runs, checked, decoded, timed.
+
+Every model (teacher and students) is exported as an encoder and a decoder-step graph at a
+fixed source length (``max_len``: the test sources are padded to it) and a fixed cache;
+students are checked against the run's target (the teacher too, for reference). onnxruntime
+decodes the test split greedily and its tokens are compared with PyTorch's, sentence by
+sentence. Latency: teacher and students translate the same batch of test sentences in this
+one process (onnxruntime CPU, 1 thread, graphs exported at the batch's own width), so their
+ratio compares like with like.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+from archnet.quant.api import is_quantized
+from archnet.seq2seq.decode import pad_batch
+from archnet.seq2seq.evaluate import decode_all
+from archnet.seq2seq.onnx import check_seq2seq, export_seq2seq, time_translation
+from archnet.targets import load_target
+
+__all__ = ["REMOVED_OPS", "export_models"]
+
+# what Arch-Net removes from a Transformer: none may remain in an Arch-Net student's graphs
+REMOVED_OPS = ("LayerNormalization", "Gelu", "Erf", "Gather")
+
+
+def _ops(paths) -> list[str]:
+    import onnx
+
+    counts: Counter[str] = Counter()
+    for path in paths:
+        counts.update(node.op_type for node in onnx.load(str(path)).graph.node)
+    return sorted(counts)
+
+
+def _ort_tokens(exported, src: list[list[int]], pad: int, max_new: int, optimize: bool):
+    translator = exported.translator(optimize=optimize)
+    order = sorted(range(len(src)), key=lambda i: len(src[i]))
+    out: list[list[int]] = [[] for _ in src]
+    for k in range(0, len(order), 64):
+        chunk = order[k : k + 64]
+        for i, tokens in zip(
+            chunk, translator.greedy(pad_batch([src[i] for i in chunk], pad), max_new)
+        ):
+            out[i] = tokens
+    return out
+
+
+def export_models(run, log: Callable[[str], None]) -> dict:
+    """Export, check, decode and time the teacher and every student of ``run``."""
+    cfg = run.config
+    target = load_target(cfg.target)
+    test = run.data()["test"]
+    models = {"teacher": run.teacher}
+    models |= {label: run.load_model(file) for label, file in run.students().items()}
+    src_len = max(len(s) for s in test["src"])
+    batch = pad_batch(
+        sorted(test["src"], key=len)[len(test["src"]) // 2 :][: cfg.latency_batch], run.teacher.pad
+    )
+    record: dict[str, dict] = {}
+    for label, net in models.items():
+        folder = run.path(f"onnx/{label}")
+        exported = export_seq2seq(net, folder, cfg.max_new, src_len=src_len)
+        reports = check_seq2seq(exported, target)
+        violations = sum(len(r.violations) for r in reports.values())
+        unverified = sum(len(r.unverified) for r in reports.values())
+        ops = _ops([exported.encoder, exported.decoder])
+        torch_tokens = decode_all(net, test["src"], cfg.max_new)
+        quantized = is_quantized(net)
+        # QDQ as written is the fake quantization; optimised, onnxruntime also rounds biases
+        # onto the integer accumulator grid (as an integer chip does), which moves logits
+        ort_tokens = _ort_tokens(
+            exported, test["src"], net.pad, cfg.max_new, optimize=not quantized
+        )
+        same = sum(a == b for a, b in zip(ort_tokens, torch_tokens))
+        entry = {
+            "files": [
+                str(exported.encoder.relative_to(run.root)),
+                str(exported.decoder.relative_to(run.root)),
+            ],
+            "bytes": exported.encoder.stat().st_size + exported.decoder.stat().st_size,
+            "violations": violations,
+            "unverified": unverified,
+            "ops": ops,
+            "removed_ops_left": [op for op in REMOVED_OPS if op in ops],
+            "quantized": quantized,
+            "tokens_match": same == len(torch_tokens),
+            "tokens_match_share": 100.0 * same / max(len(torch_tokens), 1),
+        }
+        if quantized:
+            optimised = _ort_tokens(exported, test["src"], net.pad, cfg.max_new, optimize=True)
+            entry["tokens_match_share_optimized"] = (
+                100.0
+                * sum(a == b for a, b in zip(optimised, torch_tokens))
+                / max(len(torch_tokens), 1)
+            )
+        record[label] = entry
+        log(
+            f"  {label}: {violations} violations on {target.name}, ORT tokens = PyTorch on "
+            f"{entry['tokens_match_share']:.1f}% of {len(torch_tokens)} sentences"
+        )
+    for label, net in models.items():  # one timing pass, teacher first, same batch for all
+        t = time_translation(net, batch, cfg.max_new, repeats=cfg.latency_repeats)
+        record[label] |= {
+            "encoder_ms": t.encoder_ms,
+            "step_ms": t.step_ms,
+            "translation_ms": t.translate_ms,
+        }
+    teacher_ms = record["teacher"]["translation_ms"]
+    for label, entry in record.items():
+        if label != "teacher":
+            entry["speedup"] = teacher_ms / entry["translation_ms"]
+            entry["latency_ratio"] = entry["translation_ms"] / teacher_ms
+        log(f"  {label}: translation of {len(batch)} sentences {entry['translation_ms']:.1f} ms")
+    return {
+        "models": record,
+        "src_len": src_len,
+        "max_len": cfg.max_new,
+        "latency_batch": list(batch.shape),
+        "latency": "onnxruntime CPU, 1 thread, median after warm-up, same process",
+    }

@@ -1,0 +1,73 @@
+"""BLEU and chrF of the teacher and every student on the test split, which no choice read.
+
+Each model translates the test sources with the same decoding (greedy, or beam search with
+``--beams``); sacrebleu scores the detokenized text against the references, and its signature
+goes into the report so the figures can be reproduced. How often a student's translation is
+word for word the teacher's is reported beside it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from archnet.seq2seq.decode import beam_search, greedy, pad_batch
+from archnet.seq2seq.net import Seq2SeqNet
+from archnet.zoo.tiny_mt import bleu_chrf
+
+__all__ = ["decode_all", "evaluate_models", "detokenize"]
+
+
+def decode_all(
+    net: Seq2SeqNet, src: list[list[int]], max_new: int, beams: int = 1, batch_size: int = 64
+) -> list[list[int]]:
+    """Output ids of every source, in input order (batches of similar length)."""
+    order = sorted(range(len(src)), key=lambda i: len(src[i]))
+    out: list[list[int]] = [[] for _ in src]
+    for k in range(0, len(order), batch_size):
+        chunk = order[k : k + batch_size]
+        batch = pad_batch([src[i] for i in chunk], net.pad)
+        if beams > 1:
+            tokens = beam_search(net, batch, beams=beams, max_new=max_new)
+        else:
+            tokens = greedy(net, batch, max_new)
+        for i, t in zip(chunk, tokens):
+            out[i] = t
+    return out
+
+
+def detokenize(tokenizer, ids: list[list[int]]) -> list[str]:
+    return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def evaluate_models(run, log: Callable[[str], None]) -> dict:
+    """Scores of the teacher and each student of ``run``; writes ``translations.tsv``."""
+    cfg = run.config
+    test = run.data()["test"]
+    models = {"teacher": run.teacher}
+    models |= {label: run.load_model(file) for label, file in run.students().items()}
+    texts: dict[str, list[str]] = {}
+    scores: dict[str, dict] = {}
+    for label, net in models.items():
+        t0 = time.perf_counter()
+        ids = decode_all(net, test["src"], cfg.max_new, cfg.beams)
+        texts[label] = detokenize(run.tokenizer, ids)
+        scores[label] = bleu_chrf(texts[label], test["refs"])
+        scores[label]["decode_seconds"] = time.perf_counter() - t0
+        if label != "teacher":
+            same = sum(a == b for a, b in zip(texts[label], texts["teacher"]))
+            scores[label]["same_as_teacher"] = 100.0 * same / max(len(texts[label]), 1)
+            scores[label]["bleu_drop"] = scores["teacher"]["bleu"] - scores[label]["bleu"]
+        log(
+            f"  {label}: BLEU {scores[label]['bleu']:.2f}  chrF {scores[label]['chrf']:.2f}  "
+            f"({scores[label]['decode_seconds']:.0f} s, {len(ids)} sentences)"
+        )
+    header = "\t".join(["source", "reference", *texts])
+    rows = zip(test["sources"], test["refs"], *texts.values())
+    lines = [header] + ["\t".join(cell.replace("\t", " ") for cell in row) for row in rows]
+    run.path("translations.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {
+        "scores": scores,
+        "sentences": len(test["src"]),
+        "decoding": f"beam {cfg.beams}" if cfg.beams > 1 else "greedy",
+    }
