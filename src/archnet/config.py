@@ -99,6 +99,11 @@ class ConvertConfig:
         from archnet.tasks import get_task
 
         check_types(self)
+        if self.task == "translation":
+            raise ArchnetError(
+                "translation models convert with `archnet convert --task translation --model "
+                "hf:DIR` (archnet.seq2seq), not through the image pipeline"
+            )
         if self.task != "auto":
             get_task(self.task)
         load_target(self.target)
@@ -168,14 +173,18 @@ class ConvertConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ConvertConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ArchnetError(f"config {path} does not exist")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ArchnetError(f"config {path} is not valid TOML: {e}") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_toml(path), str(path))
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A config file's settings; one line naming the file when it is missing or not TOML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArchnetError(f"config {path} does not exist; give a TOML file")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ArchnetError(f"config {path} is not valid TOML: {e}") from None
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:

@@ -191,29 +191,11 @@ def test_w4a4_student_exports_qdq_that_matches_fake_quant(student, batch, tmp_pa
 
 
 def test_bart_mirror_with_embedding_norms(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from archnet.seq2seq.net import from_hf
+    from tests.seq2seq.test_net import _bart
 
-    cfg = transformers.BartConfig(
-        vocab_size=VOCAB,
-        d_model=16,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        max_position_embeddings=32,
-        init_std=0.3,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=2,
-        decoder_start_token_id=2,
-        dropout=0.0,
-        activation_function="gelu",
-    )
-    torch.manual_seed(0)
-    net = from_hf(transformers.BartForConditionalGeneration(cfg).eval())
+    net = from_hf(_bart())  # embedding LayerNorms, GELU, learned positions, start token 2
     src = _reverse_batch(torch.Generator().manual_seed(3), 4)[0]
     exported = export_seq2seq(net, tmp_path, MAX_LEN)
     translator = exported.translator()

@@ -37,7 +37,7 @@ def convert(a: argparse.Namespace, log=print) -> int:
             "source.txt,target.txt)"
         )
     else:
-        cfg = TranslationConfig()
+        cfg = TranslationConfig.load(a.config) if a.config else TranslationConfig()
     given = {
         "model": a.model,
         "data": a.data,

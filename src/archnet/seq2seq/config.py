@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
+from archnet.config import read_toml
 from archnet.errors import ArchnetError
 from archnet.quant.api import parse_bits
 from archnet.seq2seq.distill import Seq2SeqDistillConfig
@@ -63,9 +65,23 @@ class TranslationConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> TranslationConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def from_dict(cls, d: dict, source: str = "config") -> TranslationConfig:
+        """Settings from a dict; an unknown key (a typo) is an error, never ignored."""
+        for known, data, where in (
+            ({f.name for f in fields(cls)}, d, ""),
+            ({f.name for f in fields(Seq2SeqDistillConfig)}, d.get("distill") or {}, "distill."),
+        ):
+            unknown = sorted(set(data) - known)
+            if unknown:
+                raise ArchnetError(
+                    f"{source}: unknown setting {where}{unknown[0]}; known: {', '.join(sorted(known))}"
+                )
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TranslationConfig:
+        """Settings from a TOML file (the keys of this class; ``[distill]`` for the schedule)."""
+        return cls.from_dict(read_toml(path), str(path))
 
     def key(self, stage: str) -> str:
         """A hash of the settings ``stage`` and the stages before it read."""

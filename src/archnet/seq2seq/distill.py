@@ -28,9 +28,11 @@ from torch import Tensor, nn
 
 from archnet.distill.aids import TokenAdapter
 from archnet.distill.archnet import progressive_weights
-from archnet.distill.losses import kd_kl
 from archnet.seq2seq.data import Batch
 from archnet.seq2seq.net import Seq2SeqNet, Taps
+from archnet.tasks import TokenLogits, get_task
+
+_TASK = get_task("translation")
 
 __all__ = [
     "Seq2SeqDistillConfig",
@@ -80,8 +82,9 @@ def attention_distance(s: Tensor, t: Tensor, rows: Tensor) -> Tensor:
 
 
 def token_kl(student: Tensor, teacher: Tensor, keep: Tensor, t: float = 1.0) -> Tensor:
-    """Mean KL(teacher || student) of the next-token distributions over real tokens (x t^2)."""
-    return kd_kl(student[keep], teacher[keep], t)
+    """Mean KL(teacher || student) of the next-token distributions over real tokens (x t^2):
+    the translation task's distillation loss."""
+    return _TASK.distill_loss(TokenLogits(student, keep), TokenLogits(teacher, keep), t)
 
 
 class _Losses:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from archnet.seq2seq.decode import beam_search, greedy, pad_batch
 from archnet.seq2seq.net import Seq2SeqNet
-from archnet.zoo.tiny_mt import bleu_chrf
+from archnet.tasks import get_task
 
 __all__ = ["decode_all", "evaluate_models", "detokenize"]
 
@@ -42,7 +42,7 @@ def detokenize(tokenizer, ids: list[list[int]]) -> list[str]:
 
 def evaluate_models(run, log: Callable[[str], None]) -> dict:
     """Scores of the teacher and each student of ``run``; writes ``translations.tsv``."""
-    cfg = run.config
+    cfg, task = run.config, get_task("translation")
     test = run.data()["test"]
     models = {"teacher": run.teacher}
     models |= {label: run.load_model(file) for label, file in run.students().items()}
@@ -52,11 +52,11 @@ def evaluate_models(run, log: Callable[[str], None]) -> dict:
         t0 = time.perf_counter()
         ids = decode_all(net, test["src"], cfg.max_new, cfg.beams)
         texts[label] = detokenize(run.tokenizer, ids)
-        scores[label] = bleu_chrf(texts[label], test["refs"])
+        scores[label] = task.metrics(texts[label], test["refs"])
         scores[label]["decode_seconds"] = time.perf_counter() - t0
         if label != "teacher":
-            same = sum(a == b for a, b in zip(texts[label], texts["teacher"]))
-            scores[label]["same_as_teacher"] = 100.0 * same / max(len(texts[label]), 1)
+            same = task.agreement(texts[label], texts["teacher"])["same_text"]
+            scores[label]["same_as_teacher"] = same
             scores[label]["bleu_drop"] = scores["teacher"]["bleu"] - scores[label]["bleu"]
         log(
             f"  {label}: BLEU {scores[label]['bleu']:.2f}  chrF {scores[label]['chrf']:.2f}  "

@@ -7,7 +7,7 @@ latency, scores, the ILP, a fine-tune) -> ``quantize`` (one LSQ student per ``--
 decoder-step ONNX, the target check, onnxruntime decoding against PyTorch, latency of teacher
 and students in one run) -> ``report``.
 
-Each stage writes its files, then ``<stage>.json`` with the hash of the settings it read; a
+Each stage writes its files, then ``stages/<stage>.json`` with the hash of the settings it read; a
 resumed run skips a stage whose hash still matches and whose earlier stages were skipped.
 """
 
@@ -106,16 +106,22 @@ class TranslationRun:
         return found
 
     # --- stages ------------------------------------------------------------------------------
+    def record(self, stage: str) -> dict:
+        """What ``stage`` wrote when it finished (``stages/NAME.json``)."""
+        return read_json(self.path(f"stages/{stage}.json"))
+
     def stage_record(self, stage: str) -> dict | None:
+        """The stage's record if it finished with the settings in force now."""
         try:
-            record = read_json(self.path(f"{stage}.json"))
+            record = self.record(stage)
         except ValueError:
             return None
         return record if record.get("key") == self.config.key(stage) else None
 
     def finish(self, stage: str, record: dict, seconds: float) -> None:
+        self.path("stages").mkdir(exist_ok=True)
         write_json(
-            self.path(f"{stage}.json"),
+            self.path(f"stages/{stage}.json"),
             {"key": self.config.key(stage), "seconds": seconds, **record},
         )
 
@@ -310,7 +316,7 @@ def convert_translation(
             if not redo and run.stage_record(name) is not None:
                 log(f"{name}: done earlier, kept")
                 continue
-            if run.path(f"{name}.json").is_file():
+            if run.path(f"stages/{name}.json").is_file():
                 log(f"{name}: settings changed since it ran; running it again")
             redo = True
             log(f"{name} ...")

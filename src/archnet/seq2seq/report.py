@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from archnet.store import read_json, write_json
+from archnet.store import write_json
 
 __all__ = ["write_report"]
 
@@ -43,14 +43,16 @@ def _plot_training(histories: dict[str, dict], path: Path) -> None:
     ax.set_xlabel("stage (progressive targets, then final)")
     ax.set_ylabel("mean training loss")
     ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    if ax.lines:
+        ax.legend(fontsize=7)
     ax = fig.add_subplot(1, 2, 2)
     for label, h in histories.items():
         if h.get("final_kd"):
             ax.plot(h["final_kd"], marker=".", label=label)
     ax.set_xlabel("final stage, tenths")
     ax.set_ylabel("token KL to the teacher")
-    ax.legend(fontsize=7)
+    if ax.lines:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -62,11 +64,11 @@ def _row(cells: list) -> str:
 def write_report(run, log: Callable[[str], None]) -> dict:
     """Gather the stage records of ``run`` into report.json / report.md (+ PNG plots)."""
     cfg = run.config
-    prepared = read_json(run.path("prepare.json"))
-    student = read_json(run.path("student.json"))
-    quant = read_json(run.path("quantize.json"))
-    evaluation = read_json(run.path("evaluate.json"))
-    export = read_json(run.path("export.json"))
+    prepared = run.record("prepare")
+    student = run.record("student")
+    quant = run.record("quantize")
+    evaluation = run.record("evaluate")
+    export = run.record("export")
     scores = evaluation["scores"]
     report = {
         "task": "translation",
@@ -81,7 +83,7 @@ def write_report(run, log: Callable[[str], None]) -> dict:
         "scores": scores,
         "export": export,
         "stage_seconds": {
-            name: read_json(run.path(f"{name}.json"))["seconds"]
+            name: run.record(name)["seconds"]
             for name in ("prepare", "student", "quantize", "evaluate", "export")
         },
     }

@@ -3,7 +3,7 @@
 Stages never touch images, class logits or argmax themselves: they ask the run's ``Task`` for
 a split's inputs and targets, the model's outputs on them, the distillation loss between two
 outputs, the metrics a user reads, and how closely a student follows its teacher. Image
-classification is the first task; others (translation) register next to it.
+classification, multi-label, regression and translation register here.
 """
 
 from archnet.tasks.base import (
@@ -17,6 +17,7 @@ from archnet.tasks.base import (
 )
 from archnet.tasks.classification import ImageClassification
 from archnet.tasks.outputs import MultiLabel, Regression
+from archnet.tasks.translation import TokenLogits, Translation
 
 __all__ = [
     "METRICS",
@@ -24,6 +25,8 @@ __all__ = [
     "MultiLabel",
     "Regression",
     "Task",
+    "TokenLogits",
+    "Translation",
     "decisions",
     "get_task",
     "list_tasks",

@@ -49,6 +49,7 @@ def _hf():
             "translation models need 'transformers'; install it with: "
             "pip install transformers tokenizers sacrebleu"
         ) from None
+    transformers.utils.logging.disable_progress_bar()  # a bar per small folder is noise
     return transformers
 
 

@@ -1,0 +1,34 @@
+"""`archnet demo-mt` end to end: the teacher trained on the Bible's training books, Arch-Net
+(float, W4A4, W2A4) and HANT at 0.6 of the teacher's latency, held to the issue's figures."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("transformers")
+
+
+@pytest.mark.slow
+def test_demo_mt_figures(tmp_path):
+    from archnet.seq2seq.demo import run_demo_mt
+
+    rows = {row["conversion"]: row["report"] for row in run_demo_mt(tmp_path)}
+    archnet, hant = rows["archnet"], rows["hant"]
+    teacher = archnet["scores"]["teacher"]["bleu"]
+    assert teacher >= 10
+    drops = {k: v["bleu_drop"] for k, v in archnet["scores"].items() if k != "teacher"}
+    assert drops["fp32"] <= 1.0 and drops["w4a4"] <= 1.5 and drops["w2a4"] <= 3.0, drops
+    for label in ("fp32", "w4a4", "w2a4"):
+        model = archnet["export"]["models"][label]
+        assert model["violations"] == 0 and not model["removed_ops_left"]
+        assert model["tokens_match"]
+    assert hant["scores"]["fp32"]["bleu_drop"] <= 1.0
+    assert hant["export"]["models"]["fp32"]["tokens_match"]
+
+
+@pytest.mark.slow
+def test_demo_mt_fast_path(tmp_path):
+    from archnet.seq2seq.demo import run_demo_mt
+
+    rows = run_demo_mt(tmp_path, fast=True)
+    assert {row["conversion"] for row in rows} == {"archnet", "hant"}
