@@ -33,16 +33,16 @@ class TranslationConfig:
     bits: str = ""
     budget: float | None = None
     seed: int = 0
-    max_train: int = 8000  # source sentences the student learns from (the teacher translates them)
+    max_train: int = 12000  # source sentences the student learns from (the teacher translates them)
     max_selection: int = 400
     max_test: int | None = None  # None: every test pair
     max_len: int = 128  # source tokens (</s> included); longer sentences are cut
     max_new: int = 128  # output tokens per sentence at most
     beams: int = 1  # the reported BLEU's decoding (greedy by default)
-    qat_steps: int = 600
+    qat_steps: int = 700
     distill: Seq2SeqDistillConfig = field(default_factory=Seq2SeqDistillConfig)
-    hant_steps: int = 150  # blockwise training steps per candidate
-    hant_finetune_steps: int = 600
+    hant_steps: int = 200  # blockwise training steps (every candidate trains on each batch)
+    hant_finetune_steps: int = 800
     latency_batch: int = 8  # sentences per timed translation
     latency_repeats: int = 5
 

@@ -17,10 +17,12 @@ trained with the final stage's losses.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +50,8 @@ class Seq2SeqDistillConfig:
     """Schedule of one Arch-Distillation run; ``stage_steps`` per progressive stage (one per
     target), ``final_steps`` for the final stage."""
 
-    stage_steps: int = 60
-    final_steps: int = 600
+    stage_steps: int = 75
+    final_steps: int = 1000
     lr: float = 1e-3
     weight_decay: float = 0.0
     decay: float = 0.8
@@ -60,7 +62,7 @@ class Seq2SeqDistillConfig:
     temperature: float = 1.0
     residual_adaptation: bool = True
     progressive: bool = True
-    batch_tokens: int = 1536
+    batch_tokens: int = 1024
     warmup: int = 50
 
     def to_dict(self) -> dict:
@@ -109,6 +111,42 @@ class _Losses:
         return loss
 
 
+@torch.no_grad()
+def _exact_taps(student: Seq2SeqNet, teacher: Seq2SeqNet, batch: Batch) -> set[int]:
+    """The targets the restricted copy already meets exactly (the embeddings: one-hot x fully
+    connected is exact): a progressive stage for them would train nothing."""
+    was = student.training
+    student.eval()
+    s_taps, t_taps = Taps(), Taps()
+    student(batch.src, batch.dec_in, s_taps)
+    teacher(batch.src, batch.dec_in, t_taps)
+    student.train(was)
+    return {
+        k
+        for k, (s, t) in enumerate(zip(s_taps.hidden, t_taps.hidden))
+        if float((s - t).abs().max()) <= 1e-5 * max(float(t.abs().max()), 1.0)
+    }
+
+
+def _close_stage(history: dict[str, list[float]], partial: dict[str, list[float]]) -> None:
+    """Move a finished stage's losses into the history: its mean loss, and the final stage's
+    token KL in tenths."""
+    losses, kds = partial["losses"], partial["kds"]
+    history["stages"].append(sum(losses) / max(len(losses), 1))
+    if kds:
+        chunk = max(len(kds) // 10, 1)
+        history["final_kd"] = [
+            sum(kds[i : i + chunk]) / len(kds[i : i + chunk]) for i in range(0, len(kds), chunk)
+        ]
+    partial["losses"], partial["kds"] = [], []
+
+
+def _save_atomic(state: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
 def distill_seq2seq(
     student: Seq2SeqNet,
     teacher: Seq2SeqNet,
@@ -117,6 +155,9 @@ def distill_seq2seq(
     seed: int = 0,
     progressive: bool | None = None,
     on_step: Callable[[dict], None] | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_key: str = "",
+    checkpoint_every: int = 100,
 ) -> dict[str, list[float]]:
     """Train ``student`` in place; returns the mean loss of each stage (``"stages"``: one per
     progressive stage, then the final one) and the final stage's token KL per logged chunk.
@@ -124,6 +165,11 @@ def distill_seq2seq(
     ``progressive=False`` skips the progressive stages (a quantized student that starts from
     its trained float twin). Afterwards the student is in eval mode with exactly its own
     parameters (the adapters are discarded).
+
+    With ``checkpoint`` (a file), the student, adapters, optimizer and history are saved
+    every ``checkpoint_every`` steps; a later call with the same ``checkpoint_key`` (a hash
+    of everything the training depends on) goes on from there with the same batches, and a
+    checkpoint with another key is ignored (trained afresh), never continued.
     """
     torch.manual_seed(seed)
     teacher.eval()
@@ -148,26 +194,41 @@ def distill_seq2seq(
     progressive = cfg.progressive if progressive is None else progressive
     plan: list[tuple[str, list[float], int]] = []
     if progressive:
+        first = next(batches)
+        batches = itertools.chain([first], batches)
+        exact = _exact_taps(student, teacher, first)
         for k in range(1, n_taps + 1):
-            plan.append((f"stage {k}", progressive_weights(k, cfg.decay), cfg.stage_steps))
+            if k - 1 not in exact:
+                plan.append((f"stage {k}", progressive_weights(k, cfg.decay), cfg.stage_steps))
     final = [cfg.decay ** (n_taps - 1 - k) for k in range(n_taps)]
     total = sum(final)
     plan.append(("final", [w / total for w in final], cfg.final_steps))
     total_steps = sum(steps for _, _, steps in plan)
 
     history: dict[str, list[float]] = {"stages": [], "final_kd": []}
+    partial: dict[str, list[float]] = {"losses": [], "kds": []}  # of the stage under way
+    done = 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["key"] == checkpoint_key:
+            student.load_state_dict(state["student"])
+            if adapters is not None:
+                adapters.load_state_dict(state["adapters"])
+            opt.load_state_dict(state["optimizer"])
+            history, partial, done = state["history"], state["partial"], state["step"]
     step, t0 = 0, time.perf_counter()
     student.train()
     for name, weights, steps in plan:
         is_final = name == "final"
-        stage_losses, kds = [], []
+        end = step + steps
         for _ in range(steps):
             batch = next(batches)
             step += 1
+            if step <= done:  # trained before the interruption: same batches, same order
+                continue
             lr = cfg.lr * min(1.0, step / max(cfg.warmup, 1))
             if is_final:  # cosine to zero over the final stage
-                done = (step - (total_steps - steps)) / steps
-                lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * done))
+                lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - (end - steps)) / steps))
             for group in opt.param_groups:
                 group["lr"] = lr
             t_taps, s_taps = Taps(), Taps()
@@ -187,12 +248,12 @@ def distill_seq2seq(
                     label_smoothing=cfg.label_smoothing,
                 )
                 loss = loss + cfg.kd_weight * kd + cfg.ce_weight * ce
-                kds.append(kd.item())
+                partial["kds"].append(kd.item())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            stage_losses.append(loss.item())
+            partial["losses"].append(loss.item())
             if on_step is not None:
                 on_step(
                     {
@@ -203,11 +264,12 @@ def distill_seq2seq(
                         "seconds": time.perf_counter() - t0,
                     }
                 )
-        history["stages"].append(sum(stage_losses) / max(len(stage_losses), 1))
-        if kds:
-            chunk = max(len(kds) // 10, 1)
-            history["final_kd"] = [
-                sum(kds[i : i + chunk]) / len(kds[i : i + chunk]) for i in range(0, len(kds), chunk)
-            ]
+            if step == end:
+                _close_stage(history, partial)
+            if checkpoint is not None and (step % checkpoint_every == 0 or step == total_steps):
+                state = {"key": checkpoint_key, "step": step, "history": history}
+                state |= {"partial": partial, "student": student.state_dict()}
+                state |= {"adapters": adapters.state_dict() if adapters is not None else None}
+                _save_atomic({**state, "optimizer": opt.state_dict()}, checkpoint)
     student.eval()
     return history

@@ -216,7 +216,10 @@ def _student(run: TranslationRun, log: Log) -> dict:
             cfg.distill,
             seed=cfg.seed,
             on_step=_progress(log),
+            checkpoint=run.path("student.ckpt"),
+            checkpoint_key=cfg.key("student"),
         )
+        run.path("student.ckpt").unlink(missing_ok=True)
         record = {"history": history}
     run.save_model("student.pt", student)
     params = sum(p.numel() for p in student.parameters())
@@ -246,8 +249,11 @@ def _quantize(run: TranslationRun, log: Log) -> dict:
             seed=cfg.seed,
             progressive=False,
             on_step=_progress(log),
+            checkpoint=run.path(f"student_{spec}.ckpt"),
+            checkpoint_key=f"{cfg.key('quantize')}:{spec}",
         )
         run.save_model(f"student_{spec}.pt", student)
+        run.path(f"student_{spec}.ckpt").unlink(missing_ok=True)
         records[spec] = {"history": history}
     return {"quantized": records}
 
