@@ -182,10 +182,12 @@ def test_w4a4_student_exports_qdq_that_matches_fake_quant(student, batch, tmp_pa
     assert enc < 1e-4 and step < 1e-4, (enc, step)
     src = batch[0]
     assert exported.translator(optimize=False).greedy(src, MAX_LEN) == greedy(q, src, MAX_LEN)
-    # onnxruntime's optimised integer kernels run it too (they round biases to the
-    # accumulator grid, so they drift from the float-bias fake quantization)
+    # optimised, onnxruntime rounds each bias onto the integer accumulator grid: the trained
+    # student already adds it there (QuantLinear.quant_bias), so its tokens do not move
     fast = exported.translator(optimize=True)
-    assert all(row[-1] == EOS for row in fast.greedy(src, MAX_LEN))
+    enc, step = _max_errors(q, fast, batch[0])
+    assert enc < 1e-3 and step < 1e-3, (enc, step)
+    assert fast.greedy(src, MAX_LEN) == greedy(q, src, MAX_LEN)
     float_twin = export_seq2seq(q, tmp_path / "float", MAX_LEN, quantized=False)
     assert not float_twin.quantized and _ops(float_twin.decoder)["QuantizeLinear"] == 0
 

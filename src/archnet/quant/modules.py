@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archnet.quant.lsq import LSQQuantizer
+from archnet.quant.lsq import MIN_STEP, LSQQuantizer, _round_ste
 
 __all__ = ["QuantConv2d", "QuantLinear", "QuantModule", "mark_unsigned_after_relu"]
 
@@ -30,6 +30,22 @@ class QuantModule:
     def to_float(self) -> nn.Module:
         """The float layer with the same weights: the quantizers dropped."""
         raise NotImplementedError
+
+    def quant_bias(self) -> torch.Tensor | None:
+        """The bias on the integer accumulator's grid (input step x weight step, per output
+        channel), as an integer runtime adds it: onnxruntime's optimiser rounds a float bias
+        there too, so a student trained with a float bias drifts once deployed (at 4 bits the
+        grid is coarse). Rounding is straight-through; the steps get no gradient from it."""
+        bias = self.bias
+        if bias is None or not (self.act_quant.enabled and self.weight_quant.enabled):
+            return bias
+        exporting = torch.onnx.is_in_onnx_export()  # quantizers are set by then
+        if not exporting and not (self.act_quant.initialized and self.weight_quant.initialized):
+            return bias
+        step = (
+            self.act_quant.step.clamp_min(MIN_STEP) * self.weight_quant.step.clamp_min(MIN_STEP)
+        ).detach()
+        return _round_ste(bias / step) * step
 
     def _init_quantizers(
         self, weight_bits: int, act_bits: int, act_signed: bool | None, out: int
@@ -74,7 +90,8 @@ class QuantConv2d(QuantModule, nn.Conv2d):
         return plain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+        x, weight = self.act_quant(x), self.weight_quant(self.weight)
+        return self._conv_forward(x, weight, self.quant_bias())
 
 
 class QuantLinear(QuantModule, nn.Linear):
@@ -116,11 +133,12 @@ class QuantLinear(QuantModule, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() <= 2:
-            return F.linear(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+            x, weight = self.act_quant(x), self.weight_quant(self.weight)
+            return F.linear(x, weight, self.quant_bias())
         # tokens: one (B*N, C) Gemm fed by the quantized input, not a MatMul + Add that
         # onnxruntime (1.32) rewrites into a Gemm with a QuantizeLinear of the wrong type
         flat = self.act_quant(x.reshape(-1, x.shape[-1]))
-        out = F.linear(flat, self.weight_quant(self.weight), self.bias)
+        out = F.linear(flat, self.weight_quant(self.weight), self.quant_bias())
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

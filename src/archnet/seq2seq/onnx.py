@@ -417,7 +417,9 @@ class OnnxTranslator:
     def _tokens(self, ids: np.ndarray) -> np.ndarray:
         if not self.one_hot:
             return ids.astype(np.int64)
-        return np.eye(self.vocab, dtype=np.float32)[ids]
+        rows = np.zeros((ids.size, self.vocab), np.float32)  # not np.eye: vocab^2 floats a call
+        rows[np.arange(ids.size), ids.reshape(-1)] = 1.0
+        return rows.reshape(*ids.shape, self.vocab)
 
     def encode(self, src: Tensor | np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
         """Cross-attention keys/values of every layer and the additive source mask, for

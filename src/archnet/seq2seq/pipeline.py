@@ -14,6 +14,7 @@ resumed run skips a stage whose hash still matches and whose earlier stages were
 from __future__ import annotations
 
 import copy
+import hashlib
 import random
 import time
 from collections.abc import Callable
@@ -164,7 +165,6 @@ def _prepare(run: TranslationRun, log: Log) -> dict:
             "sources": test.source,
             "refs": test.target,
         },
-        "selection_refs": selection.target,
     }
     tmp = run.path("data.pt.tmp")
     torch.save(data, tmp)
@@ -227,10 +227,21 @@ def _student(run: TranslationRun, log: Log) -> dict:
 
 
 def _quantize(run: TranslationRun, log: Log) -> dict:
+    """One LSQ student per ``--bits`` entry; one trained before with the same float student
+    and schedule is kept (adding ``w2a4`` to a run does not retrain its ``w4a4``)."""
     cfg = run.config
     teacher, train = run.teacher, run.pairs("train")
+    try:
+        before = run.record("quantize")["quantized"]
+    except (ValueError, KeyError):
+        before = {}
     records = {}
     for spec in cfg.bit_list:
+        key = hashlib.sha1(f"{cfg.key('student')}:{cfg.qat_steps}:{spec}".encode()).hexdigest()
+        if before.get(spec, {}).get("key") == key and run.path(f"student_{spec}.pt").is_file():
+            log(f"  {spec.upper()}: trained earlier with these settings, kept")
+            records[spec] = before[spec]
+            continue
         log(f"quantizing the student at {spec.upper()} (LSQ, {cfg.qat_steps} steps)")
         student = run.load_model("student.pt")
         quantize_model(student, QuantConfig.from_string(spec))
@@ -250,11 +261,11 @@ def _quantize(run: TranslationRun, log: Log) -> dict:
             progressive=False,
             on_step=_progress(log),
             checkpoint=run.path(f"student_{spec}.ckpt"),
-            checkpoint_key=f"{cfg.key('quantize')}:{spec}",
+            checkpoint_key=key,
         )
         run.save_model(f"student_{spec}.pt", student)
         run.path(f"student_{spec}.ckpt").unlink(missing_ok=True)
-        records[spec] = {"history": history}
+        records[spec] = {"key": key, "history": history}
     return {"quantized": records}
 
 
