@@ -107,7 +107,7 @@ def add_parsers(sub) -> None:
     d = sub.add_parser(
         "demo-mt",
         help="train a small English->German Marian teacher on the Bible here, convert it "
-        "(Arch-Net float/W4A4/W2A4; HANT at 0.6 of its latency), print BLEU",
+        "(Arch-Net float and W4A4; HANT at 0.6 of its latency), print BLEU",
     )
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--fast", action="store_true", help="a tiny schedule (smoke tests)")

@@ -2,8 +2,9 @@
 training books, converted two ways, scored on the test books that no choice read.
 
 Arch-Net on ``archnet-transformer`` (no LayerNorm, GELU/SiLU or embedding gathers) in float and
-at W4A4 and W2A4, and HANT on onnxruntime CPU at 0.6 of the teacher's measured translation
-latency. Each conversion leaves its own run directory and report.
+at W4A4, and HANT on onnxruntime CPU at 0.6 of the teacher's translation latency. Each
+conversion leaves its own run directory and report; ``archnet convert --task translation
+--resume --out runs/demo/mt-archnet --bits w4a4,w2a4`` adds the W2A4 student to it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def demo_configs(teacher: Path, fast: bool = False) -> dict[str, TranslationConf
     archnet = TranslationConfig(
         model=model,
         target="archnet-transformer",
-        bits="w4a4,w2a4",
+        bits="w4a4",
         distill=Seq2SeqDistillConfig(stage_steps=5, final_steps=20)
         if fast
         else Seq2SeqDistillConfig(),

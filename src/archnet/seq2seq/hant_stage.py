@@ -73,6 +73,7 @@ def run_hant(run, log) -> tuple[Seq2SeqNet, dict]:
         backend=target.latency_backend(),
         src_len=src_len,
         cache_len=cfg.max_new,
+        batch=cfg.latency_batch,  # as the export stage times whole translations
         progress=_every(log, "latency", 4),
     )
     table = search_table(teacher, pool, scores, parts, out_tokens)
@@ -98,6 +99,7 @@ def run_hant(run, log) -> tuple[Seq2SeqNet, dict]:
         "predicted_ms": result.totals[LATENCY],
         "src_len": src_len,
         "mean_output_tokens": out_tokens,
+        "batch": cfg.latency_batch,
         "status": result.status,
         "scores": scores,
         "latency_parts": parts.to_json(),

@@ -39,13 +39,13 @@ Progress = Callable[[int, int], None]
 
 
 class _EncoderCall(nn.Module):
-    """An encoder layer run on ``(1, n, d)`` with all tokens real (mask and keep constant)."""
+    """An encoder layer run on ``(B, n, d)`` with all tokens real (mask and keep constant)."""
 
-    def __init__(self, layer: nn.Module, n: int) -> None:
+    def __init__(self, layer: nn.Module, n: int, batch: int = 1) -> None:
         super().__init__()
         self.layer = layer
-        self.register_buffer("mask", torch.zeros(1, 1, 1, n))
-        self.register_buffer("keep", torch.ones(1, n, dtype=torch.bool))
+        self.register_buffer("mask", torch.zeros(batch, 1, 1, n))
+        self.register_buffer("keep", torch.ones(batch, n, dtype=torch.bool))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layer(x, self.mask, self.keep)[0]
@@ -56,20 +56,22 @@ class _DecoderStep(nn.Module):
     ``cache_len`` slots plus the new one, cross-attention over ``src_len`` source keys/values
     (constants here: they are computed once per sentence, timed by :class:`_CrossKV`)."""
 
-    def __init__(self, layer: nn.Module, width: int, src_len: int, cache_len: int) -> None:
+    def __init__(
+        self, layer: nn.Module, width: int, src_len: int, cache_len: int, batch: int = 1
+    ) -> None:
         super().__init__()
         self.layer = layer
         g = torch.Generator().manual_seed(0)
-        memory = torch.randn(1, src_len, width, generator=g)
+        memory = torch.randn(batch, src_len, width, generator=g)
         with torch.no_grad():
             k, v = layer.cross_attn.memory_kv(memory)
         self.register_buffer("cross_k", k.clone())
         self.register_buffer("cross_v", v.clone())
-        self.register_buffer("cross_mask", torch.zeros(1, 1, 1, src_len))
+        self.register_buffer("cross_mask", torch.zeros(batch, 1, 1, src_len))
         attn = layer.self_attn
         self.cached = attn is not None
         if self.cached:
-            shape = (1, attn.heads, cache_len, attn.head_dim)
+            shape = (batch, attn.heads, cache_len, attn.head_dim)
             self.register_buffer("past_k", torch.randn(*shape, generator=g))
             self.register_buffer("past_v", torch.randn(*shape, generator=g))
 
@@ -187,6 +189,7 @@ def measure_latency(
     rounds: int = 5,
     cache: LatencyCache | None = None,
     progress: Progress | None = None,
+    batch: int = 1,
 ) -> LatencyParts:
     """Time every candidate (median after warm-up, interleaved with its block's other
     candidates and an empty graph whose time, the per-call floor, is subtracted).
@@ -196,7 +199,10 @@ def measure_latency(
     ``src_len`` is the source length timed (the deployed encoder's fixed length, or a typical
     one); ``cache_len`` the self-attention cache a step attends: the deployed step graph's
     ``max_len`` when it attends a fixed cache every step (as :mod:`archnet.seq2seq.onnx`
-    does), else about half the mean output length.
+    does), else about half the mean output length. ``batch``: sentences translated together,
+    as the deployment (and the whole-translation measurement) runs them: at a larger batch
+    the attention over the cache weighs more against the weight matrices. MACs stay per
+    sentence.
     """
     if backend is None:
         from archnet.targets.latency import OnnxRuntimeBackend
@@ -219,28 +225,33 @@ def measure_latency(
     total = len(pool.blocks) + 1
     for b, (block, per) in enumerate(zip(pool.blocks, pool.modules)):
         if block.startswith("decoder."):
-            steps = {k: _DecoderStep(m, width, src_len, cache_len).eval() for k, m in per.items()}
+            steps = {
+                k: _DecoderStep(m, width, src_len, cache_len, batch).eval() for k, m in per.items()
+            }
+            ones = {k: _DecoderStep(m, width, src_len, cache_len).eval() for k, m in per.items()}
             kvs = {k: _CrossKV(m).eval() for k, m in per.items()}
             real = {k: m for k, m in kvs.items() if not isinstance(m.attn, NoAttention)}
             step_shape, kv_shape = (1, 1, width), (1, src_len, width)
-            per_call.append(timed(steps, step_shape))
-            measured = timed(real, kv_shape) if real else {}
+            per_call.append(timed(steps, (batch, 1, width)))
+            measured = timed(real, (batch, src_len, width)) if real else {}
             per_sentence.append({k: float(measured.get(k, 0.0)) for k in per})
-            macs_call.append({k: macs(m, step_shape) for k, m in steps.items()})
+            macs_call.append({k: macs(m, step_shape) for k, m in ones.items()})
             macs_sentence.append({k: macs(m, kv_shape) if k in real else 0 for k, m in kvs.items()})
         else:
-            calls = {k: _EncoderCall(m, src_len).eval() for k, m in per.items()}
+            calls = {k: _EncoderCall(m, src_len, batch).eval() for k, m in per.items()}
             shape = (1, src_len, width)
-            per_call.append(timed(calls, shape))
+            per_call.append(timed(calls, (batch, src_len, width)))
             per_sentence.append(dict.fromkeys(per, 0.0))
-            macs_call.append({k: macs(m, shape) for k, m in calls.items()})
+            macs_call.append(
+                {k: macs(_EncoderCall(m, src_len).eval(), shape) for k, m in per.items()}
+            )
             macs_sentence.append(dict.fromkeys(per, 0))
         if progress is not None:
             progress(b + 1, total)
     enc_fixed = _Fixed(teacher, decoder=False, n=src_len).eval()
     step_fixed = _Fixed(teacher, decoder=True, n=1).eval()
-    enc_ms = timed({"encoder_fixed": enc_fixed}, (1, src_len), whole=True)["encoder_fixed"]
-    step_ms = timed({"step_fixed": step_fixed}, (1, 1), whole=True)["step_fixed"]
+    enc_ms = timed({"encoder_fixed": enc_fixed}, (batch, src_len), whole=True)["encoder_fixed"]
+    step_ms = timed({"step_fixed": step_fixed}, (batch, 1), whole=True)["step_fixed"]
     if progress is not None:
         progress(total, total)
     return LatencyParts(
