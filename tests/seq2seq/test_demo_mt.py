@@ -11,9 +11,8 @@ pytest.importorskip("transformers")
 
 @pytest.mark.slow
 def test_demo_mt_figures(tmp_path):
-    from archnet.seq2seq.demo import run_demo_mt
-
     from archnet.cli import main
+    from archnet.seq2seq.demo import run_demo_mt
     from archnet.store import read_json
 
     rows = {row["conversion"]: row["report"] for row in run_demo_mt(tmp_path)}

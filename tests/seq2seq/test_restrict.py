@@ -102,28 +102,19 @@ def test_an_interrupted_distillation_resumes_to_the_same_student(teacher_and_pai
             checkpoint_key="k",
             checkpoint_every=4,
         )
+
+    def run(student, key: str):
+        batches = stream(pairs, teacher, 512, 0)
+        return distill_seq2seq(
+            student, teacher, batches, cfg, checkpoint=ckpt, checkpoint_key=key, checkpoint_every=4
+        )
+
     resumed = fresh()
-    got = distill_seq2seq(
-        resumed,
-        teacher,
-        stream(pairs, teacher, 512, 0),
-        cfg,
-        checkpoint=ckpt,
-        checkpoint_key="k",
-        checkpoint_every=4,
-    )
+    got = run(resumed, "k")
     assert got["stages"] == pytest.approx(expected["stages"], rel=1e-5)
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     other = fresh()  # a checkpoint of other settings is not continued
-    distill_seq2seq(
-        other,
-        teacher,
-        stream(pairs, teacher, 512, 0),
-        cfg,
-        checkpoint=ckpt,
-        checkpoint_key="other",
-        checkpoint_every=100,
-    )
+    run(other, "other")
     for a, b in zip(whole.state_dict().values(), other.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

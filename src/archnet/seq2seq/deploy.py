@@ -11,7 +11,6 @@ ratio compares like with like.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 
 from archnet.quant.api import is_quantized
@@ -27,12 +26,13 @@ REMOVED_OPS = ("LayerNormalization", "Gelu", "Erf", "Gather")
 
 
 def _ops(paths) -> list[str]:
+    """Operator types of the graphs as a compiler keeps them (constant subgraphs, such as a
+    bias put on its integer grid, folded; aliases dropped)."""
     import onnx
 
-    counts: Counter[str] = Counter()
-    for path in paths:
-        counts.update(node.op_type for node in onnx.load(str(path)).graph.node)
-    return sorted(counts)
+    from archnet.targets.graph import Graph
+
+    return sorted({n.op_type for p in paths for n in Graph(onnx.load(str(p))).kept_nodes()})
 
 
 def _ort_tokens(exported, src: list[list[int]], pad: int, max_new: int, optimize: bool):
