@@ -42,7 +42,7 @@ class TranslationConfig:
     qat_steps: int = 700
     distill: Seq2SeqDistillConfig = field(default_factory=Seq2SeqDistillConfig)
     hant_steps: int = 200  # blockwise training steps (every candidate trains on each batch)
-    hant_finetune_steps: int = 1200
+    hant_finetune_steps: int = 2000
     latency_batch: int = 8  # sentences per timed translation
     latency_repeats: int = 5
 

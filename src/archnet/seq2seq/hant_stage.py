@@ -50,9 +50,12 @@ def run_hant(run, log) -> tuple[Seq2SeqNet, dict]:
     selection = make_batches(run.pairs("selection"), teacher, cfg.distill.batch_tokens, cfg.seed)
 
     pool_file = run.path("candidates.pt")
-    if pool_file.is_file():
-        pool = CandidatePool.from_state(teacher, torch.load(pool_file, weights_only=False))
-        log("  candidates: trained earlier, kept")
+    # the candidates depend on the data and their own schedule, not on the budget or fine-tune
+    key = f"{cfg.key('prepare')}:{cfg.hant_steps}:{cfg.distill.batch_tokens}"
+    saved = torch.load(pool_file, weights_only=False) if pool_file.is_file() else {}
+    if saved.get("key") == key:
+        pool = CandidatePool.from_state(teacher, saved["pool"])
+        log("  candidates: trained earlier with these settings, kept")
     else:
         pool = train_candidates(
             teacher,
@@ -61,7 +64,7 @@ def run_hant(run, log) -> tuple[Seq2SeqNet, dict]:
             seed=cfg.seed,
             progress=_every(log, "blockwise training"),
         )
-        torch.save(pool.state_dict(), pool_file)
+        torch.save({"key": key, "pool": pool.state_dict()}, pool_file)
     scores = replace_one_scores(teacher, pool, selection, progress=_every(log, "scores", 4))
     real = sum(int(b.src.ne(teacher.pad).sum()) for b in selection)
     src_len = max(1, round(real / sum(len(b.src) for b in selection)))  # mean source length
