@@ -10,7 +10,7 @@ to score BLEU/chrF on the held-out books.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +20,7 @@ from archnet.seq2seq.decode import greedy, pad_batch
 from archnet.seq2seq.net import Seq2SeqNet
 from archnet.zoo.tiny_mt import encode, length_batches
 
-__all__ = ["Batch", "TokenPairs", "encode", "make_batches", "stream", "teacher_pairs"]
+__all__ = ["Batch", "TokenPairs", "by_length", "encode", "make_batches", "stream", "teacher_pairs"]
 
 
 @dataclass
@@ -56,9 +56,24 @@ class Batch:
         return int(self.keep.sum())
 
 
-def _sorted_chunks(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+def by_length(
+    src: list[list[int]],
+    translate: Callable[[Tensor], list[list[int]]],
+    pad: int,
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[list[int]]:
+    """``translate`` (padded source ids -> output ids per row) over batches of similar length
+    (little padding), the outputs returned in input order."""
+    order = sorted(range(len(src)), key=lambda i: len(src[i]))
+    out: list[list[int]] = [[] for _ in src]
+    for k in range(0, len(order), batch_size):
+        chunk = order[k : k + batch_size]
+        for i, tokens in zip(chunk, translate(pad_batch([src[i] for i in chunk], pad))):
+            out[i] = tokens
+        if progress is not None:
+            progress(min(k + batch_size, len(src)), len(src))
+    return out
 
 
 @torch.no_grad()
@@ -70,15 +85,7 @@ def teacher_pairs(
     progress: Callable[[int, int], None] | None = None,
 ) -> TokenPairs:
     """The teacher's greedy translation of every source (batches of similar length)."""
-    out: list[list[int]] = [[] for _ in src]
-    done = 0
-    for chunk in _sorted_chunks([len(s) for s in src], batch_size):
-        tokens = greedy(teacher, pad_batch([src[i] for i in chunk], teacher.pad), max_new)
-        for i, t in zip(chunk, tokens):
-            out[i] = t
-        done += len(chunk)
-        if progress is not None:
-            progress(done, len(src))
+    out = by_length(src, lambda b: greedy(teacher, b, max_new), teacher.pad, batch_size, progress)
     return TokenPairs(src, out)
 
 

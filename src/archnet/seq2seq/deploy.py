@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from archnet.quant.api import is_quantized
+from archnet.seq2seq.data import by_length
 from archnet.seq2seq.decode import pad_batch
 from archnet.seq2seq.evaluate import decode_all
 from archnet.seq2seq.onnx import check_seq2seq, export_seq2seq, time_translation
@@ -37,15 +38,7 @@ def _ops(paths) -> list[str]:
 
 def _ort_tokens(exported, src: list[list[int]], pad: int, max_new: int, optimize: bool):
     translator = exported.translator(optimize=optimize)
-    order = sorted(range(len(src)), key=lambda i: len(src[i]))
-    out: list[list[int]] = [[] for _ in src]
-    for k in range(0, len(order), 64):
-        chunk = order[k : k + 64]
-        for i, tokens in zip(
-            chunk, translator.greedy(pad_batch([src[i] for i in chunk], pad), max_new)
-        ):
-            out[i] = tokens
-    return out
+    return by_length(src, lambda b: translator.greedy(b, max_new), pad)
 
 
 def export_models(run, log: Callable[[str], None]) -> dict:

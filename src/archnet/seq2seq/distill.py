@@ -134,11 +134,17 @@ def _close_stage(history: dict[str, list[float]], partial: dict[str, list[float]
     losses, kds = partial["losses"], partial["kds"]
     history["stages"].append(sum(losses) / max(len(losses), 1))
     if kds:
-        chunk = max(len(kds) // 10, 1)
-        history["final_kd"] = [
-            sum(kds[i : i + chunk]) / len(kds[i : i + chunk]) for i in range(0, len(kds), chunk)
-        ]
+        history["final_kd"] = tenths(kds)
     partial["losses"], partial["kds"] = [], []
+
+
+def tenths(values: list[float]) -> list[float]:
+    """A loss curve for the report: the means of (about) ten consecutive chunks."""
+    chunk = max(len(values) // 10, 1)
+    return [
+        sum(values[i : i + chunk]) / len(values[i : i + chunk])
+        for i in range(0, len(values), chunk)
+    ]
 
 
 def _save_atomic(state: dict, path: Path) -> None:

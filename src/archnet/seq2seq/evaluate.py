@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from archnet.seq2seq.decode import beam_search, greedy, pad_batch
+from archnet.seq2seq.data import by_length
+from archnet.seq2seq.decode import beam_search, greedy
 from archnet.seq2seq.net import Seq2SeqNet
 from archnet.tasks import get_task
 
@@ -22,18 +23,9 @@ def decode_all(
     net: Seq2SeqNet, src: list[list[int]], max_new: int, beams: int = 1, batch_size: int = 64
 ) -> list[list[int]]:
     """Output ids of every source, in input order (batches of similar length)."""
-    order = sorted(range(len(src)), key=lambda i: len(src[i]))
-    out: list[list[int]] = [[] for _ in src]
-    for k in range(0, len(order), batch_size):
-        chunk = order[k : k + batch_size]
-        batch = pad_batch([src[i] for i in chunk], net.pad)
-        if beams > 1:
-            tokens = beam_search(net, batch, beams=beams, max_new=max_new)
-        else:
-            tokens = greedy(net, batch, max_new)
-        for i, t in zip(chunk, tokens):
-            out[i] = t
-    return out
+    if beams > 1:
+        return by_length(src, lambda b: beam_search(net, b, beams, max_new), net.pad, batch_size)
+    return by_length(src, lambda b: greedy(net, b, max_new), net.pad, batch_size)
 
 
 def detokenize(tokenizer, ids: list[list[int]]) -> list[str]:

@@ -85,13 +85,6 @@ Progress = Callable[[int, int], None]
 # --- blockwise distillation ---------------------------------------------------------------------
 
 
-def _keeps(net: Seq2SeqNet, src: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
-    """Real-token masks as :meth:`Seq2SeqNet.forward` makes them."""
-    tgt_keep = tgt.ne(net.pad)
-    tgt_keep[:, 0] = True  # Marian starts decoding from the pad token
-    return src.ne(net.pad), tgt_keep
-
-
 @dataclass
 class _LayerIO:
     """What one teacher layer saw and answered on one batch: ``inputs`` the positional
@@ -114,7 +107,7 @@ def _capture(teacher: Seq2SeqNet, batch: Batch) -> tuple[list[_LayerIO], Tensor]
 
     handles = [layer.register_forward_hook(hook) for layer in (*teacher.encoder, *teacher.decoder)]
     try:
-        src_keep, tgt_keep = _keeps(teacher, batch.src, batch.dec_in)
+        src_keep, tgt_keep = teacher.keeps(batch.src, batch.dec_in)
         memory = teacher.encode(batch.src, src_keep)
         teacher.decode(batch.dec_in, memory, src_keep, tgt_keep)
     finally:

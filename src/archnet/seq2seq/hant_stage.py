@@ -14,6 +14,7 @@ import torch
 
 from archnet.search import solve
 from archnet.seq2seq.data import make_batches
+from archnet.seq2seq.distill import tenths
 from archnet.seq2seq.hant import (
     LATENCY,
     CandidatePool,
@@ -109,9 +110,4 @@ def run_hant(run, log) -> tuple[Seq2SeqNet, dict]:
         "blockwise_start": pool.start_loss,
         "blockwise_final": pool.final_loss,
     }
-    chunk = max(len(history) // 10, 1)
-    curve = [
-        sum(history[i : i + chunk]) / len(history[i : i + chunk])
-        for i in range(0, len(history), chunk)
-    ]
-    return student, {"search": search, "history": {"final_kd": curve}}
+    return student, {"search": search, "history": {"finetune_loss": tenths(history)}}

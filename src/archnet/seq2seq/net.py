@@ -231,12 +231,16 @@ class Seq2SeqNet(nn.Module):
                 taps.attention.append([self_probs, cross_probs])
         return x
 
+    def keeps(self, src: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
+        """Real-token masks of padded source ids and decoder inputs."""
+        tgt_keep = tgt.ne(self.pad)
+        tgt_keep[:, 0] = True  # Marian starts decoding from the pad token
+        return src.ne(self.pad), tgt_keep
+
     def forward(self, src: Tensor, tgt: Tensor, taps: Taps | None = None) -> Tensor:
         """Logits ``(B, T, vocab)`` of the next token after each ``tgt`` position (ids,
         padded with ``pad``; decoder inputs start with the start token)."""
-        src_keep = src.ne(self.pad)
-        tgt_keep = tgt.ne(self.pad)
-        tgt_keep[:, 0] = True  # Marian starts decoding from the pad token
+        src_keep, tgt_keep = self.keeps(src, tgt)
         memory = self.encode(src, src_keep, taps)
         return self.head(self.decode(tgt, memory, src_keep, tgt_keep, taps))
 

@@ -62,6 +62,7 @@ class TranslationRun:
         self.root = Path(root).resolve()
         self.config = config
         self._teacher: Seq2SeqNet | None = None
+        self._data: dict[str, Any] | None = None
         self._tokenizer = None
 
     def path(self, name: str) -> Path:
@@ -85,7 +86,10 @@ class TranslationRun:
         self._teacher = from_hf(hf).eval()
 
     def data(self) -> dict[str, Any]:
-        return torch.load(self.path("data.pt"), weights_only=False)
+        """``data.pt``, read once (every later stage reads it, some several times)."""
+        if self._data is None:
+            self._data = torch.load(self.path("data.pt"), weights_only=False)
+        return self._data
 
     def pairs(self, split: str) -> TokenPairs:
         return TokenPairs.from_dict(self.data()[split])

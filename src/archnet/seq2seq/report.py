@@ -48,9 +48,11 @@ def _plot_training(histories: dict[str, dict], path: Path) -> None:
     ax = fig.add_subplot(1, 2, 2)
     for label, h in histories.items():
         if h.get("final_kd"):
-            ax.plot(h["final_kd"], marker=".", label=label)
+            ax.plot(h["final_kd"], marker=".", label=f"{label}: token KL")
+        if h.get("finetune_loss"):
+            ax.plot(h["finetune_loss"], marker=".", label=f"{label}: fine-tune KL + CE")
     ax.set_xlabel("final stage, tenths")
-    ax.set_ylabel("token KL to the teacher")
+    ax.set_ylabel("final-stage loss")
     if ax.lines:
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -92,7 +94,9 @@ def write_report(run, log: Callable[[str], None]) -> dict:
     histories = {"fp32": student.get("history", {})}
     histories |= {k: v["history"] for k, v in quant["quantized"].items()}
     _plot_bleu(scores, run.path("bleu.png"))
-    if any(h.get("stages") or h.get("final_kd") for h in histories.values()):
+    if any(
+        h.get("stages") or h.get("final_kd") or h.get("finetune_loss") for h in histories.values()
+    ):
         _plot_training(histories, run.path("training.png"))
     write_json(run.path("report.json"), report)
     run.path("report.md").write_text(_markdown(report, run), encoding="utf-8")
