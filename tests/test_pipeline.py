@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 import shutil
 from copy import deepcopy
@@ -171,7 +173,10 @@ def test_harmful_fine_tune_is_not_kept(finished_run, tmp_path):
     cfg = ConvertConfig.from_dict(open_store(copy).config.to_dict())
     cfg.finetune.lr = 5.0  # diverges
     e2e = resume(copy, cfg).report["end_to_end"]
-    assert e2e["selection_kl_after"] > e2e["selection_kl_before"]
+    # worse than before, or NaN: at this rate the fine-tune diverges, to inf or to NaN
+    # depending on the run (a clean-clone suite saw NaN)
+    after = e2e["selection_kl_after"]
+    assert math.isnan(after) or after > e2e["selection_kl_before"]
     assert e2e["kept"] == "assembled"
 
 
