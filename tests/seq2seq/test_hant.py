@@ -28,6 +28,7 @@ from archnet.seq2seq.candidates import (
 )
 from archnet.seq2seq.data import make_batches, teacher_pairs
 from archnet.seq2seq.decode import beam_search, greedy, pad_batch
+from archnet.seq2seq.hant_stage import calibrated_solve
 from archnet.seq2seq.layer_latency import measure_latency
 from archnet.seq2seq.net import Seq2SeqNet, Taps, additive_mask
 
@@ -301,7 +302,7 @@ def test_search_table_and_budgets(teacher, pool, scores, parts, data):
     assert table.total(hant.LATENCY, keep) == pytest.approx(predicted)
     assert table.total("params", keep) == sum(p.numel() for p in teacher.parameters())
 
-    loose = solve(table, {hant.LATENCY: hant.budget_ms(table, 1.0)})
+    loose = solve(table, {hant.LATENCY: table.total(hant.LATENCY, keep)})
     assert loose.names == ["keep"] * 4
     tight_budget = minimum(table, hant.LATENCY) * 1.05
     tight = solve(table, {hant.LATENCY: tight_budget})
@@ -333,3 +334,35 @@ def test_finetune_recovers_the_student(teacher, pool, data):
     assert objective(student) < before  # on held-out batches
     assert not student.training
     assert all(torch.equal(w, p) for w, p in zip(weights, teacher.parameters()))
+
+
+@pytest.mark.parametrize("bias", [1.25, 0.8], ids=["prediction-undershoots", "overshoots"])
+def test_calibrated_solve_holds_the_measured_budget(teacher, pool, scores, parts, data, bias):
+    """A "measurement" that is the prediction off by a constant factor (what host overhead
+    per translation does): the kept choice is within the budget as measured, and no worse
+    scored than what a solve at the exact (unknown) correction would give."""
+    table = hant.search_table(teacher, pool, scores, parts, hant.mean_output_tokens(data[1]))
+    teacher_ms = table.total(hant.LATENCY, hant.teacher_choice(table))
+
+    def measure(names):
+        choice = [c.index(n) for c, n in zip(table.candidates, names)]
+        return bias * table.total(hant.LATENCY, choice) / teacher_ms
+
+    result, tried = calibrated_solve(table, 0.6, measure, lambda _: None)
+    assert measure(result.names) <= 0.6 + 1e-9
+    assert sum(t.get("kept", False) for t in tried) == 1
+    exact = solve(table, {hant.LATENCY: 0.6 / bias * teacher_ms})
+    assert result.objective <= exact.objective + 1e-9
+    first = solve(table, {hant.LATENCY: 0.6 * teacher_ms})
+    if bias > 1:  # the first choice, measured, broke the budget
+        assert measure(first.names) > 0.6 or first.names == result.names
+    else:  # a looser budget was used, for a choice the first solve could not afford
+        assert len(tried) >= 2 or first.names == result.names
+
+
+def test_calibrated_solve_keeps_the_fastest_when_none_fits(teacher, pool, scores, parts, data):
+    table = hant.search_table(teacher, pool, scores, parts, hant.mean_output_tokens(data[1]))
+    lines = []
+    result, tried = calibrated_solve(table, 0.6, lambda names: 2.0, lines.append)
+    assert not any(t["within_budget"] for t in tried)
+    assert any("no choice measured within" in line for line in lines)

@@ -21,9 +21,9 @@ from archnet.seq2seq.onnx import (
     OnnxTranslator,
     check_seq2seq,
     export_seq2seq,
-    time_translation,
 )
 from archnet.seq2seq.restrict import reset_batch_norms, restrict_seq2seq
+from archnet.seq2seq.timing import time_translations
 
 VOCAB, PAD, EOS, MAX_LEN, SRC_LEN = 40, 0, 1, 16, 12
 FORBIDDEN = {"LayerNormalization", "Gelu", "Erf", "Gather", "Mul", "Slice", "Shape", "Split"}
@@ -208,14 +208,17 @@ def test_bart_mirror_with_embedding_norms(tmp_path):
 
 def test_latency_of_teacher_and_student(teacher, student, batch, tmp_path):
     src = batch[0]
-    timed = time_translation(teacher, src, max_new=MAX_LEN, repeats=2, warmup=1)
-    assert timed.batch == len(src) and timed.src_len == src.shape[1]
-    assert timed.max_len == MAX_LEN and 1 <= timed.steps <= MAX_LEN
     exported = export_seq2seq(student, tmp_path, MAX_LEN, src_len=SRC_LEN)
-    fixed = time_translation(exported, src, max_new=MAX_LEN, repeats=2, warmup=1)
-    assert fixed.src_len == SRC_LEN
-    for t in (timed, fixed):
+    models = {"teacher": teacher, "student": exported}
+    timed = time_translations(models, src, max_new=MAX_LEN, rounds=3, warmup=1)
+    assert timed["teacher"].batch == len(src) and timed["teacher"].src_len == src.shape[1]
+    assert timed["teacher"].max_len == MAX_LEN and 1 <= timed["teacher"].steps <= MAX_LEN
+    assert timed["student"].src_len == SRC_LEN
+    assert timed["teacher"].ratio == 1.0 and timed["student"].ratio > 0
+    for t in timed.values():
         assert t.encoder_ms > 0 and 0 < t.step_ms < t.translate_ms
+    fixed = time_translations(models, src, max_new=MAX_LEN, rounds=1, warmup=0, fixed=True)
+    assert all(t.steps == MAX_LEN for t in fixed.values())  # no early stop
 
 
 def test_export_refuses_what_it_cannot_run(teacher, batch, tmp_path):

@@ -75,6 +75,21 @@ def test_resume_reruns_only_what_a_changed_option_touches(archnet_run, capsys):
     assert set(rep["scores"]) == {"teacher", "fp32", "w2a4"}
 
 
+def test_resume_reads_a_config_file(archnet_run, tmp_path, capsys):
+    """A --config given with --resume changes the stored settings: never ignored silently."""
+    out, _ = archnet_run
+    (tmp_path / "timing.toml").write_text("latency_repeats = 3\n")
+    resume = ["convert", "--task", "translation", "--out", str(out), "--resume"]
+    assert main([*resume, "--config", str(tmp_path / "timing.toml")]) == 0
+    text = capsys.readouterr().out
+    assert "student: done earlier, kept" in text
+    assert "export: settings changed since it ran" in text
+    assert json.loads((out / "config.json").read_text())["latency_repeats"] == 3
+    (tmp_path / "typo.toml").write_text("latency_repeat = 2\n")
+    assert main([*resume, "--config", str(tmp_path / "typo.toml")]) == 2
+    assert "unknown setting latency_repeat" in capsys.readouterr().err
+
+
 def test_resume_refuses_other_data(archnet_run, toy_mt, tmp_path, capsys):
     out, _ = archnet_run
     other = tmp_path / "other.tsv"
@@ -94,7 +109,7 @@ def test_translate_command(archnet_run, capsys):
     assert main(["translate", "--run", str(out), "--model", "w9a9", "x"]) == 2
 
 
-def test_hant_meets_its_budget_prediction(toy_mt, tmp_path):
+def test_hant_times_its_choices_against_the_budget(toy_mt, tmp_path):
     folder, tsv = toy_mt
     (tmp_path / "tiny.toml").write_text(TINY)
     args = ["convert", "--task", "translation", "--model", f"hf:{folder}", "--data", str(tsv)]
@@ -102,7 +117,14 @@ def test_hant_meets_its_budget_prediction(toy_mt, tmp_path):
     assert main([*args, "--out", str(tmp_path / "run")]) == 0
     rep = json.loads((tmp_path / "run" / "report.json").read_text())
     search = rep["search"]
-    assert search["predicted_ms"] <= search["budget_ms"] * 1.0001
+    tried = search["calibration"]
+    kept = [t for t in tried if t.get("kept")]
+    assert len(kept) == 1 and kept[0]["choice"] == search["choice"]
+    assert all(t["measured_ratio"] > 0 for t in tried)
+    if any(t["within_budget"] for t in tried):
+        assert kept[0]["measured_ratio"] <= 0.6
+    else:  # the toy's layers are too small to time below its per-call costs
+        assert kept[0]["measured_ratio"] == min(t["measured_ratio"] for t in tried)
     assert search["choice"] != ["keep"] * len(search["choice"])
     assert rep["export"]["models"]["fp32"]["tokens_match"]
 

@@ -24,13 +24,19 @@ def _parse_budget(text: str | None) -> float | None:
 
 def convert(a: argparse.Namespace, log=print) -> int:
     """``archnet convert --task translation``: the options that apply to translation."""
+    from archnet.config import read_toml
     from archnet.seq2seq.config import TranslationConfig
     from archnet.seq2seq.pipeline import CONFIG, convert_translation
     from archnet.store import read_json
 
     root = Path(a.out)
     if a.resume and (root / CONFIG).is_file():
-        cfg = TranslationConfig.from_dict(read_json(root / CONFIG))
+        stored = read_json(root / CONFIG)
+        if a.config:  # the file's settings replace the stored ones (and the run says what changed)
+            extra = read_toml(a.config)
+            distill = {**stored.get("distill", {}), **extra.pop("distill", {})}
+            stored = {**stored, **extra, "distill": distill}
+        cfg = TranslationConfig.from_dict(stored, a.config or str(root / CONFIG))
     elif not a.model or not a.data:
         raise ArchnetError(
             "convert --task translation needs --model hf:DIR and --data (bible, a .tsv or "

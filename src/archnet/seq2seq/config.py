@@ -44,7 +44,7 @@ class TranslationConfig:
     hant_steps: int = 200  # blockwise training steps (every candidate trains on each batch)
     hant_finetune_steps: int = 2000
     latency_batch: int = 8  # sentences per timed translation
-    latency_repeats: int = 5
+    latency_repeats: int = 15  # interleaved rounds: each times every model once
 
     def __post_init__(self) -> None:
         if isinstance(self.distill, dict):
@@ -85,9 +85,10 @@ class TranslationConfig:
 
     def key(self, stage: str) -> str:
         """A hash of the settings ``stage`` and the stages before it read."""
-        wanted = [
-            s for name in STAGE_ORDER[: STAGE_ORDER.index(stage) + 1] for s in STAGE_SETTINGS[name]
-        ]
+        upto = STAGE_ORDER[: STAGE_ORDER.index(stage) + 1]
+        wanted = [s for name in upto for s in STAGE_SETTINGS[name]]
+        if self.budget is not None and "student" in upto:  # HANT times its choices
+            wanted += LATENCY_SETTINGS
         values = {k: self._get(k) for k in FIXED + wanted}
         return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[
             :16
@@ -102,13 +103,15 @@ class TranslationConfig:
 
 # Settings that fix the data every stage reads: a resumed run refuses to change them.
 FIXED = ["model", "data", "eval_data", "seed", "max_train", "max_selection", "max_test", "max_len"]
+# How whole translations are timed: by the export stage, and by HANT's search under a budget
+LATENCY_SETTINGS = ["latency_batch", "latency_repeats"]
 # What each stage reads beyond FIXED (earlier stages' settings are included by `key`).
 STAGE_SETTINGS = {
     "prepare": ["max_new"],
     "student": ["target", "budget", "distill", "hant_steps", "hant_finetune_steps"],
     "quantize": ["bits", "qat_steps"],
     "evaluate": ["beams"],
-    "export": ["latency_batch", "latency_repeats"],
+    "export": LATENCY_SETTINGS,
     "report": [],
 }
 STAGE_ORDER = list(STAGE_SETTINGS)

@@ -5,8 +5,8 @@ fixed source length (``max_len``: the test sources are padded to it) and a fixed
 students are checked against the run's target (the teacher too, for reference). onnxruntime
 decodes the test split greedily and its tokens are compared with PyTorch's, sentence by
 sentence. Latency: teacher and students translate the same batch of test sentences in this
-one process (onnxruntime CPU, 1 thread, graphs exported at the batch's own width), so their
-ratio compares like with like.
+one process, in interleaved rounds (onnxruntime CPU, 1 thread, graphs exported at the batch's
+own width), so their ratio compares like with like.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from archnet.quant.api import is_quantized
 from archnet.seq2seq.data import by_length
 from archnet.seq2seq.decode import pad_batch
 from archnet.seq2seq.evaluate import decode_all
-from archnet.seq2seq.onnx import check_seq2seq, export_seq2seq, time_translation
+from archnet.seq2seq.onnx import check_seq2seq, export_seq2seq
+from archnet.seq2seq.timing import latency_sample, time_translations
 from archnet.targets import load_target
 
 __all__ = ["REMOVED_OPS", "export_models"]
@@ -49,9 +50,8 @@ def export_models(run, log: Callable[[str], None]) -> dict:
     models = {"teacher": run.teacher}
     models |= {label: run.load_model(file) for label, file in run.students().items()}
     src_len = max(len(s) for s in test["src"])
-    batch = pad_batch(
-        sorted(test["src"], key=len)[len(test["src"]) // 2 :][: cfg.latency_batch], run.teacher.pad
-    )
+    sample = latency_sample(test["src"], cfg.latency_batch)
+    batch = pad_batch([test["src"][i] for i in sample], run.teacher.pad)
     record: dict[str, dict] = {}
     for label, net in models.items():
         folder = run.path(f"onnx/{label}")
@@ -94,23 +94,29 @@ def export_models(run, log: Callable[[str], None]) -> dict:
             f"  {label}: {violations} violations on {target.name}, ORT tokens = PyTorch on "
             f"{entry['tokens_match_share']:.1f}% of {len(torch_tokens)} sentences"
         )
-    for label, net in models.items():  # one timing pass, teacher first, same batch for all
-        t = time_translation(net, batch, cfg.max_new, repeats=cfg.latency_repeats)
-        record[label] |= {
+    # teacher and students timed in interleaved rounds, on the same batch (archnet.seq2seq.timing)
+    timed = time_translations(models, batch, cfg.max_new, rounds=cfg.latency_repeats)
+    for label, t in timed.items():
+        entry = record[label]
+        entry |= {
             "encoder_ms": t.encoder_ms,
             "step_ms": t.step_ms,
             "translation_ms": t.translate_ms,
+            "steps": t.steps,
         }
-    teacher_ms = record["teacher"]["translation_ms"]
-    for label, entry in record.items():
         if label != "teacher":
-            entry["speedup"] = teacher_ms / entry["translation_ms"]
-            entry["latency_ratio"] = entry["translation_ms"] / teacher_ms
-        log(f"  {label}: translation of {len(batch)} sentences {entry['translation_ms']:.1f} ms")
+            entry["latency_ratio"] = t.ratio
+            entry["speedup"] = 1.0 / t.ratio
+        log(
+            f"  {label}: translation of {len(batch)} sentences {t.translate_ms:.1f} ms "
+            f"({t.steps} steps)"
+            + ("" if label == "teacher" else f", {t.ratio:.2f}x the teacher's time")
+        )
     return {
         "models": record,
         "src_len": src_len,
         "max_len": cfg.max_new,
         "latency_batch": list(batch.shape),
-        "latency": "onnxruntime CPU, 1 thread, median after warm-up, same process",
+        "latency": "onnxruntime CPU, 1 thread, interleaved rounds after warm-up, same process; "
+        "ratios: median of per-round ratios",
     }

@@ -64,7 +64,6 @@ __all__ = [
     "block_names",
     "blockwise_losses",
     "build_pool",
-    "budget_ms",
     "finetune",
     "kd_loss",
     "mean_output_tokens",
@@ -286,13 +285,6 @@ def search_table(
 def teacher_choice(table: SearchTable) -> list[int]:
     """The choice that keeps every teacher layer."""
     return [pool.index("keep") for pool in table.candidates]
-
-
-def budget_ms(table: SearchTable, fraction: float) -> float:
-    """A latency budget in the table's units: ``fraction`` of the teacher's *predicted*
-    translation latency (a fraction of the measured one would mix a sum of parts with a
-    whole; the caller reports measured teacher and student side by side)."""
-    return fraction * table.total(LATENCY, teacher_choice(table))
 
 
 # --- student ------------------------------------------------------------------------------------

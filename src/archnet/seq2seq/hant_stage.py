@@ -1,25 +1,32 @@
 """HANT's student stage for a translation run: candidates, their latency on the target, the
 replace-one scores, the ILP under the latency budget, and an end-to-end fine-tune.
 
-The budget is a fraction of the teacher's *predicted* translation latency (the sum of its
-measured parts, in the same table as every candidate); the export stage then times teacher and
-student translations whole, in one run, and the report gives both.
+The budget is a fraction of the teacher's *measured* translation latency. The ILP sees
+predictions (sums of measured parts), which leave out what only a whole translation pays (the
+host's work per step, the cache moved in and out of every step); so each choice the ILP makes
+is assembled, exported and timed against the teacher, translating a batch of selection
+sentences as long as the teacher's translations of them, in interleaved rounds. The measured
+ratio corrects the next solve's predicted budget (:func:`calibrated_solve`); the best choice
+measured within the budget is kept. The export stage times the fine-tuned student again, on
+test sentences, decoding greedily.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 
 import torch
 
-from archnet.search import solve
+from archnet.errors import ArchnetError
+from archnet.search import SearchResult, SearchTable, solve
 from archnet.seq2seq.data import make_batches
+from archnet.seq2seq.decode import pad_batch
 from archnet.seq2seq.distill import tenths
 from archnet.seq2seq.hant import (
     LATENCY,
     CandidatePool,
     assemble,
-    budget_ms,
     finetune,
     replace_one_scores,
     search_table,
@@ -28,16 +35,18 @@ from archnet.seq2seq.hant import (
 )
 from archnet.seq2seq.layer_latency import mean_output_tokens, measure_latency
 from archnet.seq2seq.net import Seq2SeqNet
+from archnet.seq2seq.timing import latency_sample, time_translations
 from archnet.targets import load_target
 
-__all__ = ["run_hant"]
+__all__ = ["calibrated_solve", "run_hant"]
 
 
-def _every(log, what: str, total_every: int = 25):
+def _every(log, what: str, lines: int = 10):
+    """A progress callback that logs about ``lines`` lines, with the time so far."""
     t0 = time.perf_counter()
 
     def show(done: int, total: int) -> None:
-        if done == total or done % total_every == 0:
+        if done == total or done % max(1, total // lines) == 0:
             log(f"  {what}: {done}/{total}  {time.perf_counter() - t0:.0f} s")
 
     return show
@@ -66,7 +75,7 @@ def run_hant(run, log) -> tuple[Seq2SeqNet, dict]:
             progress=_every(log, "blockwise training"),
         )
         torch.save({"key": key, "pool": pool.state_dict()}, pool_file)
-    scores = replace_one_scores(teacher, pool, selection, progress=_every(log, "scores", 4))
+    scores = replace_one_scores(teacher, pool, selection, progress=_every(log, "scores"))
     real = sum(int(b.src.ne(teacher.pad).sum()) for b in selection)
     src_len = max(1, round(real / sum(len(b.src) for b in selection)))  # mean source length
     out_tokens = mean_output_tokens(selection)
@@ -78,11 +87,29 @@ def run_hant(run, log) -> tuple[Seq2SeqNet, dict]:
         src_len=src_len,
         cache_len=cfg.max_new,
         batch=cfg.latency_batch,  # as the export stage times whole translations
-        progress=_every(log, "latency", 4),
+        progress=_every(log, "latency"),
     )
     table = search_table(teacher, pool, scores, parts, out_tokens)
-    budget = budget_ms(table, cfg.budget) if cfg.budget is not None else None
-    result = solve(table, {LATENCY: budget} if budget is not None else None)
+    selection_pairs = run.pairs("selection")
+    sample = latency_sample(selection_pairs.src, cfg.latency_batch)
+    src = pad_batch([selection_pairs.src[i] for i in sample], teacher.pad)
+    steps = max(len(selection_pairs.out[i]) for i in sample)  # the teacher's translation
+
+    def measure(names: Sequence[str]) -> float:
+        timed = time_translations(
+            {"teacher": teacher, "student": assemble(teacher, names, pool)},
+            src,
+            max_new=steps,
+            rounds=cfg.latency_repeats,
+            max_len=cfg.max_new,
+            fixed=True,
+        )
+        return timed["student"].ratio
+
+    if cfg.budget is None:
+        result, tried = solve(table), []
+    else:
+        result, tried = calibrated_solve(table, cfg.budget, measure, log)
     log(f"  search: {', '.join(result.names)} ({result.totals[LATENCY]:.2f} ms predicted)")
     student = assemble(teacher, result.names, pool)
     history = finetune(
@@ -92,15 +119,16 @@ def run_hant(run, log) -> tuple[Seq2SeqNet, dict]:
         cfg.hant_finetune_steps,
         lr=3e-4,
         seed=cfg.seed,
-        progress=_every(log, "fine-tune", 100),
+        progress=_every(log, "fine-tune"),
     )
     search = {
         "blocks": table.blocks,
         "choice": result.names,
         "budget_fraction": cfg.budget,
-        "budget_ms": budget,
         "teacher_predicted_ms": table.total(LATENCY, teacher_choice(table)),
         "predicted_ms": result.totals[LATENCY],
+        "calibration": tried,
+        "calibration_batch": [len(sample), steps],
         "src_len": src_len,
         "mean_output_tokens": out_tokens,
         "batch": cfg.latency_batch,
@@ -111,3 +139,59 @@ def run_hant(run, log) -> tuple[Seq2SeqNet, dict]:
         "blockwise_final": pool.final_loss,
     }
     return student, {"search": search, "history": {"finetune_loss": tenths(history)}}
+
+
+def calibrated_solve(
+    table: SearchTable,
+    fraction: float,
+    measure: Callable[[Sequence[str]], float],
+    log: Callable[[str], None],
+    rounds: int = 4,
+) -> tuple[SearchResult, list[dict]]:
+    """(best-scoring choice whose *measured* latency ratio to the teacher is within
+    ``fraction``, every choice tried). ``measure(names)`` times a choice against the teacher.
+
+    The first solve's budget is ``fraction`` of the teacher's predicted latency; after each,
+    the next budget is the choice's predicted ratio scaled by ``fraction / measured``, which
+    tightens a budget the prediction undershot and loosens one it overshot, until a choice
+    repeats or ``rounds`` solves. When none is measured within ``fraction`` the fastest one
+    measured is kept, and its record says so (``within_budget``)."""
+    teacher_ms = table.total(LATENCY, teacher_choice(table))
+    scale, tried, results = fraction, [], []
+    for _ in range(rounds):
+        try:
+            result = solve(table, {LATENCY: scale * teacher_ms})
+        except ArchnetError:  # a corrected budget below the fastest choice
+            break
+        predicted = result.totals[LATENCY] / teacher_ms
+        if result.names in [t["choice"] for t in tried]:
+            break
+        measured = measure(result.names)
+        tried.append(
+            {
+                "budget_predicted": scale,
+                "choice": result.names,
+                "predicted_ratio": predicted,
+                "measured_ratio": measured,
+                "score": result.objective,
+                "within_budget": measured <= fraction,
+            }
+        )
+        results.append(result)
+        log(
+            f"  budget {scale:.3f} of the predicted teacher: {', '.join(result.names)}, "
+            f"predicted {predicted:.3f}, measured {measured:.3f} of the teacher's time"
+        )
+        scale = predicted * fraction / measured
+    if not results:
+        raise ArchnetError(
+            f"--budget {fraction}: no student fits even the predicted budget; raise --budget"
+        )
+    within = [i for i, t in enumerate(tried) if t["within_budget"]]
+    if within:
+        best = min(within, key=lambda i: tried[i]["score"])
+    else:
+        best = min(range(len(tried)), key=lambda i: tried[i]["measured_ratio"])
+        log(f"  no choice measured within --budget {fraction}; keeping the fastest one measured")
+    tried[best]["kept"] = True
+    return results[best], tried

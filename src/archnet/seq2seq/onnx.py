@@ -1,5 +1,5 @@
 """ONNX export of a :class:`~archnet.seq2seq.net.Seq2SeqNet` as the two graphs a deployment runs,
-an onnxruntime greedy decoder over them, and their latency.
+and an onnxruntime greedy decoder over them (their latency: :mod:`archnet.seq2seq.timing`).
 
 A translation is one encoder run and then one decoder step per output token, so a chip (or
 onnxruntime) holds two graphs:
@@ -30,10 +30,6 @@ encoder graph. A fake-quantized student is exported as QDQ (``archnet.quant.expo
 from __future__ import annotations
 
 import contextlib
-import statistics
-import tempfile
-import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,10 +53,8 @@ __all__ = [
     "ENCODER_FILE",
     "OnnxTranslator",
     "Seq2SeqOnnx",
-    "TranslationLatency",
     "check_seq2seq",
     "export_seq2seq",
-    "time_translation",
 ]
 
 ENCODER_FILE = "encoder.onnx"
@@ -480,8 +474,12 @@ class OnnxTranslator:
             logits[:, self.eos] = 0.0
         return logits
 
-    def greedy(self, src: Tensor | np.ndarray, max_new: int = 160) -> list[list[int]]:
-        """Token ids (eos included, start token excluded) for each row of padded ``src``."""
+    def greedy(
+        self, src: Tensor | np.ndarray, max_new: int = 160, *, fixed: bool = False
+    ) -> list[list[int]]:
+        """Token ids (eos included, start token excluded) for each row of padded ``src``.
+        ``fixed``: run all ``min(max_new, max_len)`` steps, whatever is produced (a workload
+        set by the architecture alone, for timing)."""
         cross, cross_mask = self.encode(src)
         b = len(cross_mask)
         cache = self.new_cache(b)
@@ -495,86 +493,7 @@ class OnnxTranslator:
             for i in np.flatnonzero(~done):
                 out[i].append(int(nxt[i]))
             done |= nxt == self.eos
-            if done.all():
+            if done.all() and not fixed:
                 break
             tokens = np.where(done, self.pad, nxt)
         return out
-
-
-# --- latency --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TranslationLatency:
-    """Median milliseconds (onnxruntime CPU, after warm-up) of one encoder run at ``(batch,
-    src_len)``, one decoder step over a ``max_len`` cache (every step costs the same: the
-    cache has a fixed size), and the greedy translation of the batch (``steps`` decoder
-    steps; a model that stops earlier does fewer)."""
-
-    encoder_ms: float
-    step_ms: float
-    translate_ms: float
-    batch: int
-    src_len: int
-    max_len: int
-    steps: int
-
-
-def _median_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
-
-
-def time_translation(
-    model: OnnxTranslator | Seq2SeqOnnx | Seq2SeqNet,
-    src: Tensor,
-    max_new: int = 160,
-    repeats: int = 10,
-    warmup: int = 2,
-    threads: int = 1,
-    max_len: int | None = None,
-) -> TranslationLatency:
-    """Latency of translating the padded batch ``src`` (see :class:`TranslationLatency`).
-
-    Call it for the teacher and the student in the same process, on the same ``src``, so
-    their ratio compares like with like. A net is first exported at a fixed source length
-    (``src``'s width) with ``max_len`` cache slots (default ``min(max_new, positions)``)
-    into a temporary folder; a translator is timed as it was built (its ``threads``).
-    """
-    if isinstance(model, Seq2SeqNet):
-        limit = max_len or min(max_new, model.max_positions)
-        with tempfile.TemporaryDirectory() as tmp:
-            exported = export_seq2seq(model, tmp, limit, src_len=src.shape[1])
-            translator = exported.translator(threads=threads)
-            return time_translation(translator, src, max_new, repeats, warmup)
-    translator = model.translator(threads=threads) if isinstance(model, Seq2SeqOnnx) else model
-    cross, cross_mask = translator.encode(src)
-    b = len(cross_mask)
-    cache = translator.new_cache(b)
-    tokens = np.full(b, translator.start, dtype=np.int64)
-    out: Sequence[list[int]] = []
-
-    def translate() -> None:
-        nonlocal out
-        out = translator.greedy(src, max_new)
-
-    encoder_ms = _median_ms(lambda: translator.encode(src), repeats, warmup)
-    step_ms = _median_ms(
-        lambda: translator.step(tokens, 0, cache, cross, cross_mask), repeats, warmup
-    )
-    translate_ms = _median_ms(translate, repeats, warmup)
-    return TranslationLatency(
-        encoder_ms=encoder_ms,
-        step_ms=step_ms,
-        translate_ms=translate_ms,
-        batch=b,
-        src_len=cross_mask.shape[-1],
-        max_len=translator.max_len,
-        steps=max((len(row) for row in out), default=0),
-    )

@@ -147,8 +147,11 @@ def _export_lines(export: dict) -> list[str]:
     if not models:
         return lines + ["(no export)", ""]
     lines += [
-        _row(["model", "violations", "ops", "ORT tokens = PyTorch", "translation ms", "speedup"]),
-        _row(["---"] * 6),
+        _row(
+            ["model", "violations", "ops", "ORT tokens = PyTorch", "translation ms", "steps"]
+            + ["speedup"]
+        ),
+        _row(["---"] * 7),
     ]
     for label, m in models.items():
         lines.append(
@@ -159,6 +162,7 @@ def _export_lines(export: dict) -> list[str]:
                     ", ".join(m.get("ops", [])),
                     m.get("tokens_match", ""),
                     f"{m['translation_ms']:.1f}" if "translation_ms" in m else "",
+                    m.get("steps", ""),
                     f"{m['speedup']:.2f}x" if "speedup" in m else "",
                 ]
             )
@@ -168,7 +172,30 @@ def _export_lines(export: dict) -> list[str]:
 
 def _search_lines(search: dict) -> list[str]:
     lines = ["## HANT search", ""]
-    for key in ("budget_ms", "predicted_ms", "choice"):
-        if key in search:
-            lines.append(f"- {key}: {search[key]}")
+    lines.append(f"- choice: {', '.join(search['choice'])}")
+    if search.get("budget_fraction") is not None:
+        lines.append(f"- budget: {search['budget_fraction']} of the teacher's measured latency")
+    tried = search.get("calibration") or []
+    if tried:
+        n, steps = search["calibration_batch"]
+        lines += [
+            "",
+            f"Choices timed against the teacher while searching ({n} selection sentences, "
+            f"{steps} decoding steps, interleaved rounds; ratio = student / teacher):",
+            "",
+            _row(["predicted budget", "choice", "predicted ratio", "measured ratio", "kept"]),
+            _row(["---"] * 5),
+        ]
+        for t in tried:
+            lines.append(
+                _row(
+                    [
+                        f"{t['budget_predicted']:.3f}",
+                        ", ".join(t["choice"]),
+                        f"{t['predicted_ratio']:.3f}",
+                        f"{t['measured_ratio']:.3f}",
+                        "yes" if t.get("kept") else "",
+                    ]
+                )
+            )
     return lines + [""]
