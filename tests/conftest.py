@@ -72,3 +72,23 @@ def finished_run(tmp_path_factory, tiny_teacher, tiny_images, tiny_eval):
     return convert(
         tiny_teacher, tiny_images, budget=0.7, out=out, eval_data=tiny_eval, config=tiny_config()
     )
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs for the session (its workers import what the tests do),
+    its one node carrying the cpu-ort target (latency jobs are pinned to such nodes)."""
+    ray = pytest.importorskip("ray")
+    import os
+    import sys
+
+    path = os.pathsep.join(p for p in sys.path if p)
+    ray.init(
+        num_cpus=2,
+        resources={"target:cpu-ort": 1},
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
+    yield ray
+    ray.shutdown()

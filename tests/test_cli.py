@@ -272,6 +272,9 @@ def test_latency_table(capsys):
         (("--bits", "w4a4", "--first-last", "eight"), ("--first-last",)),
         (("--bits", "auto", "--size-budget", "tiny"), ("size budget", "1.5MB")),
         (("--target", "archnet-5op-int"), ("integer", "--bits")),
+        (("--executor", "slurm"), ("executor", "inprocess, process, ray")),
+        (("--device", "cuda:7"), ("--device cuda:7", "--device cpu")),
+        (("--device", "tpu"), ("--device", "cpu, cuda")),
     ],
 )
 def test_bad_quantization_options(capsys, tmp_path, resnet_ckpt, args, needles):

@@ -60,6 +60,11 @@ _OPTIONS = {
     "epochs": "blockwise.epochs",
     "finetune_epochs": "finetune.epochs",
     "workers": "blockwise.workers",
+    "executor": "executor",
+    "ray_address": "ray_address",
+    "gpus_per_job": "gpus_per_job",
+    "device": "device",
+    "amp": "blockwise.amp",
     "latency_cache": "latency.cache",
 }
 
@@ -332,6 +337,15 @@ def _demo_vit(a: argparse.Namespace) -> int:
     return 0
 
 
+@command("status")
+def _status(a: argparse.Namespace) -> int:
+    """Stages done and jobs done / running / failed / left, with an ETA."""
+    from archnet.status import run_status
+
+    print(run_status(a.run))
+    return 0
+
+
 @command("translate")
 def _translate(a: argparse.Namespace) -> int:
     from archnet.seq2seq.cli import translate
@@ -421,7 +435,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--candidates", help="comma-separated candidate patterns (default '*')")
     c.add_argument("--epochs", type=int, help="blockwise distillation epochs per candidate")
     c.add_argument("--finetune-epochs", type=int, help="end-to-end distillation epochs")
-    c.add_argument("--workers", type=int, help="processes for candidate training")
+    c.add_argument("--workers", type=int, help="processes for candidate training and scoring")
+    c.add_argument(
+        "--executor",
+        help="where candidate and scoring jobs run: inprocess, process (--workers N), ray "
+        "(default: process when --workers > 1, else inprocess)",
+    )
+    c.add_argument("--ray-address", help="a Ray cluster ('auto': the one `ray start` began)")
+    c.add_argument("--gpus-per-job", type=float, help="GPUs each Ray job asks for (0.25 shares)")
+    c.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
+    c.add_argument(
+        "--amp",
+        action="store_const",
+        const=True,
+        help="mixed precision (bfloat16) in blockwise training",
+    )
     c.add_argument("--max-samples", type=int, help="cap on unlabeled training images")
     c.add_argument(
         "--rerank",
@@ -438,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="a TOML config (as written to a run's config.toml)")
     c.add_argument("--out", required=True, help="run directory")
     c.add_argument("--resume", action="store_true", help="continue the run in --out")
+
+    st = sub.add_parser("status", help="where a run stands: stages done, jobs left, ETA")
+    st.add_argument("--run", required=True)
 
     s = sub.add_parser("search", help="re-solve the ILP of a run from its cached tables")
     s.add_argument("--run", required=True)

@@ -87,6 +87,14 @@ class ConvertConfig:
     # KL wins (0 or 1: the ILP's best)
     rerank: int = 0
     rerank_samples: int = 4000
+    # where the work runs (never what it produces): training and scoring device ('auto': CUDA
+    # when present), and the executor of candidate and scoring jobs ('auto': 'process' when
+    # blockwise.workers > 1, else 'inprocess'; 'ray' on the cluster at ray_address, each job
+    # asking for gpus_per_job GPUs)
+    device: str = "auto"
+    executor: str = "auto"
+    ray_address: str | None = None
+    gpus_per_job: float = 0.0
     blockwise: BlockwiseConfig = field(default_factory=BlockwiseConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     arch: ArchDistillConfig = field(default_factory=ArchDistillConfig)
@@ -115,6 +123,16 @@ class ConvertConfig:
         if patterns:
             list_candidates(patterns)
         self._validate_bits()
+        if self.executor != "auto":
+            from archnet.executors import EXECUTORS
+
+            if self.executor not in EXECUTORS:
+                raise ArchnetError(
+                    f"executor {self.executor!r} is not one of auto, {', '.join(EXECUTORS)}"
+                )
+        from archnet.device import resolve_device
+
+        resolve_device(self.device)
         if self.mode not in ("auto", "hant", "archnet"):
             raise ArchnetError(f"mode {self.mode!r} is not one of auto, hant, archnet")
         for name in ("selection_fraction", "eval_fraction"):

@@ -17,9 +17,14 @@ from torch import nn
 
 from archnet.blocks import BlockSpec
 from archnet.context import BlockContext, split_call, stream_of
+from archnet.device import to_device
 from archnet.errors import ArchnetError
 
-__all__ = ["FeatureCache"]
+__all__ = ["FEATURES_VERSION", "FeatureCache"]
+
+# the layout and precision of the files; part of every candidate job's key, so a change here
+# never lets a job trained on other features count as done
+FEATURES_VERSION = 1
 
 
 class FeatureCache:
@@ -50,9 +55,11 @@ class FeatureCache:
         split: str,
         batch_size: int = 128,
         progress: Progress | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
-        """Run the teacher over ``images`` once, hooking every block: its stream input and
-        output, and its context (per-sample tensors row by row, constants once)."""
+        """Run the teacher over ``images`` once (on ``device``; the teacher is moved there and
+        back to the CPU), hooking every block: its stream input and output, and its context
+        (per-sample tensors row by row, constants once)."""
         n = len(images)
         if n == 0:
             raise ArchnetError(f"no images to compute teacher features for ({split} split)")
@@ -72,10 +79,10 @@ class FeatureCache:
             lo = cursor[0]
             if (i, kind) not in tmp:  # a context tensor: its shape and type are its own
                 path = out_dir / f"{i:03d}_{kind}.tmp.npy"
-                dtype = t.numpy().dtype
+                dtype = t.detach().cpu().numpy().dtype
                 tmp[(i, kind)] = open_memmap(path, "w+", dtype, (n, *t.shape[1:]))
             dtype = tmp[(i, kind)].dtype
-            tmp[(i, kind)][lo : lo + len(t)] = t.detach().numpy().astype(dtype, copy=False)
+            tmp[(i, kind)][lo : lo + len(t)] = t.detach().cpu().numpy().astype(dtype, copy=False)
 
         def keep(i: int, spec: BlockSpec, context: dict[str, Any]) -> None:
             for c in spec.context:
@@ -84,8 +91,8 @@ class FeatureCache:
                     continue
                 seen = constants.setdefault(i, {})
                 if c.name not in seen:
-                    seen[c.name] = context.get(c.name)
-                elif not _same(seen[c.name], context.get(c.name)):
+                    seen[c.name] = to_device(context.get(c.name), "cpu")
+                elif not _same(seen[c.name], to_device(context.get(c.name), "cpu")):
                     raise ArchnetError(
                         f"block {spec.name}: its input '{c.name}' changed between batches "
                         "although it did not follow the batch size when traced"
@@ -111,11 +118,11 @@ class FeatureCache:
             )
         task = progress.add_task(f"teacher features ({split})", total=n) if progress else None
         try:
-            model.eval()
+            model.eval().to(device)
             with torch.no_grad():
                 for lo in range(0, n, batch_size):
                     cursor[0] = lo
-                    y = model(images[lo : lo + batch_size])
+                    y = model(images[lo : lo + batch_size].to(device)).float().cpu()
                     if logits is None:
                         logits = open_memmap(
                             out_dir / "logits.tmp.npy", "w+", np.float32, (n, *y.shape[1:])
@@ -124,6 +131,7 @@ class FeatureCache:
                     if progress:
                         progress.update(task, advance=len(y))
         finally:
+            model.cpu()
             for h in handles:
                 h.remove()
         # rename only when complete, so an interrupted run never reads half a cache

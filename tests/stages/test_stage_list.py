@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from archnet import ConvertConfig
-from archnet.stages import NAMES, STAGES, config_changes, first_stage, later
+from archnet.stages import NAMES, RESULT_FREE, STAGES, config_changes, first_stage, later
 
 
 def test_the_stages_run_in_one_explicit_order():
@@ -34,6 +34,10 @@ def test_the_stages_run_in_one_explicit_order():
         ("arch.decay", "assemble"),
         ("ablation_seeds", "ablation"),
         ("blockwise.workers", None),
+        ("blockwise.amp", "distill"),
+        ("device", None),
+        ("executor", None),
+        ("ray_address", None),
     ],
 )
 def test_each_option_feeds_its_first_stage(key, stage):
@@ -48,7 +52,7 @@ def test_every_option_is_claimed_by_a_stage_or_declared_result_free():
             flat += [f"{f.name}.{g.name}" for g in dataclasses.fields(value)]
         else:
             flat.append(f.name)
-    unclaimed = [k for k in flat if first_stage(k) is None and k != "blockwise.workers"]
+    unclaimed = [k for k in flat if first_stage(k) is None and k not in RESULT_FREE]
     assert unclaimed == []
 
 

@@ -1,9 +1,12 @@
 """Blockwise feature-map distillation of candidate operations (HANT/LANA).
 
-Every candidate is an independent job: it reads the cached teacher input of its block,
-regresses the cached teacher output (normalized MSE), and writes one checkpoint file. Jobs
-are deterministic per seed and a finished checkpoint is never trained again, so a killed run
-resumes where it stopped. Jobs run in-process or over a pool of processes.
+Every candidate is an independent job (:func:`train_job`, a pure function): it reads the
+cached teacher input of its block, regresses the cached teacher output (normalized MSE), and
+returns its checkpoint as bytes, which the driver writes (atomically) under the job's content
+key. Jobs are deterministic per seed and a checkpoint holding its job's key is never trained
+again, so a killed run resumes where it stopped and a changed setting retrains exactly the
+jobs it touches. Jobs run on any :mod:`archnet.executors` executor (this process, local
+processes, Ray) and on any ``--device``.
 
 A quantized choice ('mbconv_k3@w4a4') is a second job on the same features: it starts from
 its trained float candidate, folds batch norm, quantizes, and is trained again (quantization
@@ -14,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,10 +33,12 @@ from archnet.blocks import BlockSpec
 from archnet.candidates import build_candidate
 from archnet.choices import Bits, build_choice, parse_choice, quantize_from
 from archnet.context import BlockContext, call_block
+from archnet.device import autocast, to_device
 from archnet.distill.bn import recalibrate_bn
 from archnet.distill.losses import nmse
 from archnet.errors import ArchnetError
-from archnet.features import FeatureCache
+from archnet.executors import Executor, InProcessExecutor, Job
+from archnet.features import FEATURES_VERSION, FeatureCache
 from archnet.quant import QUANTIZER_VERSION
 
 
@@ -46,6 +52,7 @@ class BlockwiseConfig:
     weight_decay: float = 0.0
     max_samples: int | None = None  # cap on training features per candidate (None: all)
     workers: int = 1  # processes; 1 trains in this process
+    amp: bool = False  # mixed precision (bfloat16 autocast) while training
     # quantized choices: further training after quantizing the trained float candidate
     quant_epochs: int = 4
     quant_lr: float = 1e-3
@@ -102,7 +109,10 @@ class CandidateJob:
         """
         float_seed = dataclasses.replace(self, name=self.candidate).seed(base_seed)
         settings = {f: getattr(cfg, f) for f in _FLOAT_FIELDS}
-        key = _digest(self.fingerprint, asdict(self.spec), self.candidate, settings, float_seed)
+        if cfg.amp:  # only when on, so runs without it keep their keys
+            settings["amp"] = True
+        source = (self.fingerprint, FEATURES_VERSION)
+        key = _digest(source, asdict(self.spec), self.candidate, settings, float_seed)
         if self.bits is None:
             return key
         quant = (cfg.quant_epochs, cfg.quant_lr, cfg.batch_size, cfg.max_samples)
@@ -130,12 +140,14 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator | None) -> Iterat
         yield np.sort(order[lo : lo + batch_size])
 
 
-def _tensor(arr: np.ndarray, idx: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(arr[idx], dtype=np.float32))
+def _tensor(arr: np.ndarray, idx: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.from_numpy(np.asarray(arr[idx], dtype=np.float32)).to(device)
 
 
-def _context(context: BlockContext | None, idx: np.ndarray) -> dict | None:
-    return context.batch(idx) if context else None
+def _context(
+    context: BlockContext | None, idx: np.ndarray, device: torch.device | str = "cpu"
+) -> dict | None:
+    return to_device(context.batch(idx), device) if context else None
 
 
 @torch.no_grad()
@@ -145,13 +157,14 @@ def evaluate_nmse(
     y: np.ndarray,
     batch_size: int = 256,
     context: BlockContext | None = None,
+    device: torch.device | str = "cpu",
 ) -> float:
-    """Held-out normalized MSE of a block, sample-weighted over batches."""
-    module.eval()
+    """Held-out normalized MSE of a block (moved to ``device``), sample-weighted over batches."""
+    module.eval().to(device)
     total, n = 0.0, len(x)
     for idx in _batches(n, batch_size, None):
-        out = call_block(module, _tensor(x, idx), _context(context, idx))
-        total += nmse(out, _tensor(y, idx)).item() * len(idx)
+        out = call_block(module, _tensor(x, idx, device), _context(context, idx, device))
+        total += nmse(out.float(), _tensor(y, idx, device)).item() * len(idx)
     return total / max(n, 1)
 
 
@@ -163,9 +176,10 @@ def train_block(
     seed: int,
     on_step: Callable[[], None] | None = None,
     context: BlockContext | None = None,
+    device: torch.device | str = "cpu",
 ) -> list[float]:
-    """Regress ``y`` from ``x`` (and the block's ``context``) with Adam + cosine decay;
-    returns the per-epoch training loss."""
+    """Regress ``y`` from ``x`` (and the block's ``context``) with Adam + cosine decay, on
+    ``device`` (the module is moved there); returns the per-epoch training loss."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n = len(x) if cfg.max_samples is None else min(len(x), cfg.max_samples)
@@ -176,12 +190,13 @@ def train_block(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(n / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps, pct_start=0.15)
-    module.train()
+    module.to(device).train()
     for _ in range(cfg.epochs):
         total = 0.0
         for idx in _batches(n, cfg.batch_size, rng):
-            out = call_block(module, _tensor(x, idx), _context(context, idx))
-            loss = nmse(out, _tensor(y, idx))
+            with autocast(device, cfg.amp):
+                out = call_block(module, _tensor(x, idx, device), _context(context, idx, device))
+            loss = nmse(out.float(), _tensor(y, idx, device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -190,7 +205,9 @@ def train_block(
             if on_step:
                 on_step()
         history.append(total / n)
-    batches = ((_tensor(x, idx), _context(context, idx)) for idx in _batches(n, 256, None))
+    batches = (
+        (_tensor(x, idx, device), _context(context, idx, device)) for idx in _batches(n, 256, None)
+    )
     recalibrate_bn(module, batches, forward=lambda m, batch: call_block(m, *batch))
     module.eval()
     return history
@@ -202,44 +219,81 @@ def steps_per_job(n: int, cfg: BlockwiseConfig, quantized: bool = False) -> int:
     return cfg.epochs * math.ceil(n / cfg.batch_size)
 
 
-def run_job(
-    job: CandidateJob,
-    teacher_block: nn.Module,
-    cache_root: str,
-    cfg: BlockwiseConfig,
-    base_seed: int,
-    on_step: Callable[[], None] | None = None,
-) -> dict:
-    """Build, train and checkpoint one candidate; returns its metrics."""
-    cache = FeatureCache(cache_root)
+@dataclass
+class TrainShared:
+    """What every candidate job of a run reads: the teacher's blocks (by name), the feature
+    cache (a path every worker can reach; a job reads only its block's files), the schedule,
+    the run seed and the device. ``on_step`` is called per step in-process only."""
+
+    teacher_blocks: dict[str, nn.Module]
+    cache_root: str
+    cfg: BlockwiseConfig
+    base_seed: int
+    device: str = "cpu"
+    on_step: Callable[[], None] | None = None
+
+
+def train_candidate(
+    job: CandidateJob, shared: TrainShared, float_state: dict | None = None
+) -> tuple[nn.Module, dict]:
+    """Build and train one candidate (a quantized one from ``float_state``, its trained float
+    candidate's weights); returns it (on the CPU) and its metrics."""
+    cfg, base_seed, device = shared.cfg, shared.base_seed, shared.device
+    teacher_block = shared.teacher_blocks[job.spec.name]
+    cache = FeatureCache(shared.cache_root)
     x, y = cache.block("train", job.block_index)
     context = cache.context("train", job.block_index, job.spec)
     trained = job.name != "teacher"  # the teacher's own block is the reference: nothing to learn
     if job.bits is not None:
-        module, init = _quantized_start(job, teacher_block, x), f"float {job.candidate}"
+        module = _quantized_start(job, teacher_block, x, float_state)
+        init = f"float {job.candidate}"
     elif trained:
         module, init = _best_start(job, teacher_block, x, y, base_seed, context)
     else:
         module, init = build_candidate(job.name, job.spec, teacher_block), "teacher"
     job_cfg = cfg.for_job(job.bits is not None)
     seed = job.seed(base_seed)
-    history = train_block(module, x, y, job_cfg, seed, on_step, context) if trained else []
+    history = (
+        train_block(module, x, y, job_cfg, seed, shared.on_step, context, device) if trained else []
+    )
     xv, yv = cache.block("selection", job.block_index)
     selection = cache.context("selection", job.block_index, job.spec)
     metrics = {
         "block": job.spec.name,
         "candidate": job.name,
         "train_loss": history,
-        "val_nmse": evaluate_nmse(module, xv, yv, context=selection),
+        "val_nmse": evaluate_nmse(module, xv, yv, context=selection, device=device),
         "init": init,
         "config": asdict(job_cfg),
     }
-    job.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = job.path.with_suffix(".tmp")
-    ckpt = {"state_dict": module.state_dict(), "metrics": metrics, "key": job.key(cfg, base_seed)}
-    torch.save(ckpt, tmp)
-    tmp.replace(job.path)  # atomic: a killed job leaves no half-written checkpoint
-    return metrics
+    return module.cpu(), metrics
+
+
+def train_job(shared: TrainShared, job: CandidateJob, needed: dict | None) -> dict:
+    """A candidate job as a pure function: ``{"key", "checkpoint" (bytes), "metrics"}``;
+    ``needed`` is the float job's result when ``job`` is a quantized choice."""
+    float_state = _state(needed["checkpoint"]) if needed else None
+    module, metrics = train_candidate(job, shared, float_state)
+    key = job.key(shared.cfg, shared.base_seed)
+    buffer = io.BytesIO()
+    torch.save({"state_dict": module.state_dict(), "metrics": metrics, "key": key}, buffer)
+    return {"key": key, "checkpoint": buffer.getvalue(), "metrics": metrics}
+
+
+def _state(checkpoint: bytes) -> dict:
+    return torch.load(io.BytesIO(checkpoint), map_location="cpu", weights_only=False)["state_dict"]
+
+
+def write_checkpoint(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a killed driver leaves no half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _needs_float(job: CandidateJob) -> bool:
+    return job.bits is not None and job.candidate != "teacher"
 
 
 def _best_start(
@@ -268,22 +322,43 @@ def _best_start(
     return starts[best], best
 
 
-def _quantized_start(job: CandidateJob, teacher_block: nn.Module, x: np.ndarray) -> nn.Module:
+def _quantized_start(
+    job: CandidateJob, teacher_block: nn.Module, x: np.ndarray, float_state: dict | None
+) -> nn.Module:
     """The trained float candidate (or the teacher's block), folded and quantized, with steps
     initialised from its own training inputs."""
     module = build_candidate(job.candidate, job.spec, teacher_block)
     if job.candidate != "teacher":
-        module.load_state_dict(torch.load(job.float_path, map_location="cpu")["state_dict"])
+        if float_state is None:
+            raise ArchnetError(f"{job.spec.name}/{job.name} needs its trained float candidate")
+        module.load_state_dict(float_state)
     calibration = _tensor(x, np.arange(min(len(x), 256)))
     return quantize_from(module, job.bits, job.spec, calibration)
 
 
-def _worker_init() -> None:
-    torch.set_num_threads(1)
-
-
-def _run_job_worker(args: tuple) -> dict:
-    return run_job(*args)
+def plan_jobs(
+    jobs: list[CandidateJob], cfg: BlockwiseConfig, base_seed: int
+) -> tuple[list[Job], dict[str, Any]]:
+    """The executor's jobs for those of ``jobs`` not done yet, each keyed by its content hash
+    and a quantized one after its float job; and the results they need of jobs done before
+    (a float checkpoint read from disk)."""
+    todo = [j for j in jobs if not j.done(cfg, base_seed)]
+    keys = {id(j): j.key(cfg, base_seed) for j in jobs}
+    floats = {(j.block_index, j.name): j for j in jobs if j.bits is None}
+    todo_keys = {keys[id(j)] for j in todo}
+    needed: dict[str, Any] = {}
+    work = []
+    for job in todo:
+        after = None
+        if _needs_float(job):
+            source = floats.get((job.block_index, job.candidate))
+            if source is None:
+                raise ArchnetError(f"{job.spec.name}/{job.name}: no float job {job.candidate}")
+            after = keys[id(source)]
+            if after not in todo_keys:  # trained earlier: its checkpoint is on disk
+                needed[after] = {"checkpoint": source.path.read_bytes()}
+        work.append(Job(keys[id(job)], job, after, f"{job.spec.name}/{job.name}"))
+    return work, needed
 
 
 def run_jobs(
@@ -294,30 +369,29 @@ def run_jobs(
     base_seed: int,
     on_job_done: Callable[[CandidateJob, dict], None],
     on_step: Callable[[], None] | None = None,
-) -> None:
-    """Run the jobs not done yet (see :meth:`CandidateJob.done`), in-process or over
-    ``cfg.workers`` processes. Float jobs run before quantized ones, which start from them.
-    """
-    todo = [j for j in jobs if not j.done(cfg, base_seed)]
-    phases = [[j for j in todo if j.bits is None], [j for j in todo if j.bits is not None]]
-    if cfg.workers <= 1:
-        for job in phases[0] + phases[1]:
-            on_job_done(
-                job,
-                run_job(
-                    job, teacher_blocks[job.spec.name], str(cache_root), cfg, base_seed, on_step
-                ),
-            )
-        return
-    import multiprocessing as mp
-
-    with ProcessPoolExecutor(cfg.workers, mp.get_context("spawn"), _worker_init) as pool:
-        for phase in phases:
-            args = [
-                (j, teacher_blocks[j.spec.name], str(cache_root), cfg, base_seed) for j in phase
-            ]
-            for job, metrics in zip(phase, pool.map(_run_job_worker, args), strict=False):
-                on_job_done(job, metrics)
+    executor: Executor | None = None,
+    device: str = "cpu",
+    on_job_failed: Callable[[CandidateJob, str], None] | None = None,
+) -> list[tuple[CandidateJob, str]]:
+    """Run the jobs not done yet (see :meth:`CandidateJob.done`) on ``executor`` (default:
+    this process) and write each checkpoint as it arrives. A quantized job starts from its
+    float job's result as soon as that exists. Returns the failed jobs with their errors; the
+    others are written, so a resumed run retries only the failed ones."""
+    executor = executor or InProcessExecutor()
+    work, needed = plan_jobs(jobs, cfg, base_seed)
+    shared = TrainShared(dict(teacher_blocks), str(cache_root), cfg, base_seed, device)
+    shared.on_step = on_step if executor.in_process else None
+    failed = []
+    for outcome in executor.run(train_job, shared, work, needed):
+        job = outcome.job.payload
+        if outcome.error:
+            failed.append((job, outcome.error))
+            if on_job_failed:
+                on_job_failed(job, outcome.error)
+            continue
+        write_checkpoint(job.path, outcome.result["checkpoint"])
+        on_job_done(job, outcome.result["metrics"])
+    return failed
 
 
 def load_candidate(job: CandidateJob, teacher_block: nn.Module) -> tuple[nn.Module, dict]:

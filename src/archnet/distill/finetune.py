@@ -72,12 +72,15 @@ def finetune(
     class distributions by default); returns the per-epoch loss.
 
     ``changed`` names the modules the student changed (None: all): only their BatchNorm
-    statistics move; the rest keep the teacher's (see :mod:`archnet.distill.bn`).
+    statistics move; the rest keep the teacher's (see :mod:`archnet.distill.bn`). Runs where
+    the student's parameters are (the teacher must be there too); ``images`` may stay on the
+    CPU: each batch is moved.
     """
     task = task or get_task("classification")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     teacher = teacher.eval()
+    device = next(student.parameters()).device
     names = feature_names if cfg.feature_weight > 0 and feature_names else []
     s_tap, t_tap = _FeatureTap(student, names), _FeatureTap(teacher, names)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -93,6 +96,7 @@ def finetune(
             total = 0.0
             for lo in range(0, n, cfg.batch_size):
                 x = random_shift(images[perm[lo : lo + cfg.batch_size]].float(), cfg.shift, gen)
+                x = x.to(device)
                 with torch.no_grad():
                     t_out = teacher(x)
                 loss = task.distill_loss(student(x), t_out, cfg.temperature)
@@ -112,7 +116,8 @@ def finetune(
             handle.remove()
         s_tap.close()
         t_tap.close()
-    recalibrate_bn(student, (images[i : i + 256].float() for i in range(0, n, 256)), changed)
+    batches = (images[i : i + 256].float().to(device) for i in range(0, n, 256))
+    recalibrate_bn(student, batches, changed)
     student.eval()
     return history
 

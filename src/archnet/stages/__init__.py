@@ -182,7 +182,7 @@ STAGES: list[Stage] = [
 ]
 
 # options that change where work runs, not what it produces
-RESULT_FREE = ("blockwise.workers",)
+RESULT_FREE = ("blockwise.workers", "device", "executor", "ray_address", "gpus_per_job")
 
 
 def unread(config: ConvertConfig) -> tuple[str, ...]:

@@ -115,14 +115,26 @@ def train_student(
     changed: list[str],
     seed: int | None = None,
 ) -> Any:
-    """End-to-end label-free training: KD fine-tune (HANT) or Arch-Distillation (Arch-Net)."""
-    from archnet.distill.archnet import arch_distill, total_steps
-    from archnet.distill.finetune import finetune
-
+    """End-to-end label-free training: KD fine-tune (HANT) or Arch-Distillation (Arch-Net),
+    on the run's ``--device``."""
     task = common.task(store)
     images = task.inputs(store, "train")
     names = [s.name for s in common.specs(store)]
     kw = {"seed": store.config.seed if seed is None else seed, "changed": changed, "task": task}
+    device = common.device(store)
+    student.to(device)
+    store.teacher.to(device)
+    try:
+        return _train(store, student, arch_cfg, label, images, names, kw)
+    finally:  # the run's models live on the CPU between stages
+        student.cpu()
+        store.teacher.cpu()
+
+
+def _train(store, student, arch_cfg, label, images, names, kw) -> Any:
+    from archnet.distill.archnet import arch_distill, total_steps
+    from archnet.distill.finetune import finetune
+
     with common.progress_bar() as bar:
         if common.mode(store) == "archnet":
             line = bar.add_task(label, total=total_steps(len(images), len(names), arch_cfg))

@@ -15,6 +15,7 @@ from archnet.blocks import BlockSpec
 from archnet.choices import Bits
 from archnet.config import ConvertConfig
 from archnet.distill.blockwise import CandidateJob
+from archnet.errors import ArchnetError
 from archnet.opconvert import split_wide_layers
 from archnet.quant import QuantConfig, parse_bits, prepare_qat
 from archnet.results import PoolResult
@@ -135,3 +136,43 @@ def jobs(store: RunStore, pools: PoolResult, choices_only: bool = False) -> list
             for name in names
         ]
     return out
+
+
+def device(store: RunStore) -> str:
+    """The device training and scoring run on (``config.device``, ``auto`` resolved)."""
+    from archnet.device import resolve_device
+
+    return str(resolve_device(store.config.device))
+
+
+def executor(store: RunStore):
+    """The executor of the run's jobs (``config.executor``; see :mod:`archnet.executors`)."""
+    from archnet.executors import build_executor
+
+    c = store.config
+    name = c.executor
+    if name == "auto":
+        name = "process" if c.blockwise.workers > 1 else "inprocess"
+    return build_executor(
+        name, workers=c.blockwise.workers, address=c.ray_address, gpus=c.gpus_per_job
+    )
+
+
+def job_board(store: RunStore, stage: str, total: int, done: int, executor):
+    """A fresh :class:`~archnet.jobboard.JobBoard` for ``stage``, saved (``archnet status``)."""
+    from archnet.jobboard import JOBS_FILE, JobBoard
+
+    board = JobBoard(store.path(JOBS_FILE), stage, total, done, slots=executor.slots)
+    board.executor = executor.name
+    board.save()
+    return board
+
+
+def raise_failed(what: str, failures: list, tried: int) -> None:
+    """One error for the jobs that failed (the others are kept: a resumed run retries these)."""
+    if failures:
+        job, error = failures[0]
+        raise ArchnetError(
+            f"{len(failures)} of {tried} {what} job(s) failed (first: {job.spec.name}/{job.name}: "
+            f"{error}); the others are kept: fix the cause and continue with --resume"
+        )

@@ -32,7 +32,14 @@ def run(store: RunStore) -> FeaturesResult:
     with common.progress_bar() as bar:
         for split, n in counts.items():
             inputs = common.task(store).inputs(store, split)[:n]
-            features.write(store.teacher, common.specs(store), inputs, split, progress=bar)
+            features.write(
+                store.teacher,
+                common.specs(store),
+                inputs,
+                split,
+                progress=bar,
+                device=common.device(store),
+            )
     return FeaturesResult(splits=counts)
 
 

@@ -3,6 +3,12 @@
 The budgets can be checked here, before any distillation: every cost of every choice is known,
 so the cheapest possible student is too. A budget below it ends the run now rather than after
 the hours that training and scoring take.
+
+Timing runs one group at a time (concurrent timings on one machine would disturb each other).
+With ``--executor ray``, each group the cache lacks is a Ray job pinned to a node that
+carries the target (a custom resource ``target:NAME``, e.g. ``ray start --resources
+'{"target:cpu-ort": 1}'``); where no node carries it, this process times. Only this process
+writes the cache.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from archnet.costs import block_latency_table
+from archnet.errors import ArchnetError
 from archnet.results import LatencyTable, PoolResult
 from archnet.search import SearchTable, solve
 from archnet.stages import common
@@ -27,7 +34,7 @@ def cache_path(store: RunStore) -> Path:
 def run(store: RunStore) -> LatencyTable:
     """Time every candidate at its real input shape, the outside parts and the whole teacher."""
     pools = store.load("pool.json", PoolResult)
-    backend = common.target(store).latency_backend()
+    backend = _pinned(store, common.target(store).latency_backend())
     cfg = store.config.latency
     quantized = common.bit_options(store) != [None]
     with LatencyCache(cache_path(store)) as cache, common.progress_bar() as bar:
@@ -53,6 +60,56 @@ def run(store: RunStore) -> LatencyTable:
             else None,
         )
     return LatencyTable.from_json(table)
+
+
+def _on_node(backend, payload: tuple, _needed=None):
+    """A latency job on a node that carries the target: its cache key, or a group's times."""
+    what, items, kw = payload
+    return backend.cache_key() if what == "key" else backend.measure_interleaved(items, **kw)
+
+
+class PinnedBackend:
+    """The target's backend as a Ray node that carries it runs it: the cache key (that node's
+    CPU and runtime) and every measurement come from there, one job at a time."""
+
+    def __init__(self, backend, executor, resource: str) -> None:
+        self._backend, self._executor, self.resource = backend, executor, resource
+        self._key = self._call("key")
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
+
+    def _call(self, what: str, items=None, kw=None):
+        from archnet.executors import Job
+
+        job = Job(what, (what, items, kw or {}))
+        (outcome,) = self._executor.run(_on_node, self._backend, [job], {})
+        if outcome.error:
+            raise ArchnetError(f"a latency job on a {self.resource} node failed: {outcome.error}")
+        return outcome.result
+
+    def cache_key(self):
+        return self._key
+
+    def measure_interleaved(self, items, **kw):
+        return self._call("measure", items, kw)
+
+
+def _pinned(store: RunStore, backend):
+    """Under ``--executor ray``, ``backend`` run on a node carrying ``target:NAME`` (where
+    one exists); else ``backend`` itself, in this process."""
+    if store.config.executor != "ray":
+        return backend
+    from archnet.executors import build_executor
+
+    resource = f"target:{common.target(store).name}"
+    executor = build_executor(
+        "ray", cpus=backend.threads, resources={resource: 1}, address=store.config.ray_address
+    )
+    if resource not in executor.ray.cluster_resources():
+        common.warn(f"no Ray node carries the resource {resource!r}: this machine times the target")
+        return backend
+    return PinnedBackend(backend, executor, resource)
 
 
 def cost_table(pools: PoolResult, latency: LatencyTable, scores: dict | None = None) -> SearchTable:

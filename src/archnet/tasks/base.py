@@ -68,9 +68,14 @@ class Task(abc.ABC):
 
     @torch.no_grad()
     def outputs(self, model: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> Any:
-        """The model's outputs on ``inputs``, in eval mode, batch by batch."""
+        """The model's outputs on ``inputs``, in eval mode, batch by batch (each batch moved to
+        the model's device, the outputs returned on the CPU)."""
         model.eval()
-        parts = [model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
+        device = next(model.parameters(), torch.empty(0)).device
+        parts = [
+            model(inputs[i : i + batch_size].to(device)).cpu()
+            for i in range(0, len(inputs), batch_size)
+        ]
         return torch.cat(parts)
 
     @abc.abstractmethod
