@@ -1,5 +1,7 @@
 """A whole conversion with its candidate jobs on a local Ray cluster: the same candidates and
-the same search result as in-process; `archnet status` on runs finished and interrupted."""
+the same search result as in-process; latency jobs on the node carrying the target; a driver
+interrupted mid-stage resumes to the uninterrupted result; `archnet status` on runs finished
+and interrupted."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from archnet import convert
 from archnet.cli import main
@@ -73,3 +76,53 @@ def test_latency_jobs_run_on_the_node_carrying_the_target(ray_cluster):
     times = pinned.measure_interleaved(items, rounds=2, warmup=2, repeats=10)
     assert set(times) == {"wide", "narrow"} and set(times.exporters) == set(times)
     assert times["wide"] > 0 and times["narrow"] > 0
+
+
+def test_killed_driver_resumes_to_the_same_result(finished_run, tmp_path, monkeypatch):
+    """The driver interrupted mid-distill (after 3 jobs came back): the checkpoints written so
+    far are kept, and the resumed run ends with the uninterrupted run's candidates and
+    choice."""
+    from archnet.api import resume
+    from archnet.stages import common
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run.run_dir, copy)
+    state = json.loads((copy / "state.json").read_text())
+    state["done"] = {k: v for k, v in state["done"].items() if k in ("candidates", "latency")}
+    (copy / "state.json").write_text(json.dumps(state))
+    for ckpt in (copy / "candidates").rglob("*"):
+        if ckpt.is_file():
+            ckpt.unlink()
+
+    def checkpoints(run) -> dict:
+        return {
+            p.relative_to(run): torch.load(p, weights_only=False)
+            for p in (run / "candidates").rglob("*.pt")
+        }
+
+    real = common.executor
+
+    class Interrupted:
+        def __init__(self, inner):
+            self.inner, self.name, self.in_process, self.slots = inner, "inprocess", True, 1
+
+        def run(self, *args):
+            for i, outcome in enumerate(self.inner.run(*args)):
+                if i == 3:
+                    raise KeyboardInterrupt
+                yield outcome
+
+    monkeypatch.setattr(common, "executor", lambda store: Interrupted(real(store)))
+    with pytest.raises(KeyboardInterrupt):
+        resume(copy)
+    kept = list((copy / "candidates").rglob("*.pt"))
+    assert len(kept) == 3 and not list((copy / "candidates").rglob("*.tmp"))
+    monkeypatch.setattr(common, "executor", real)
+    resume(copy)
+    done, reference = checkpoints(copy), checkpoints(finished_run.run_dir)
+    assert done.keys() == reference.keys()
+    for rel, ckpt in reference.items():
+        assert done[rel]["key"] == ckpt["key"]
+        for k, v in ckpt["state_dict"].items():
+            assert torch.equal(done[rel]["state_dict"][k], v), (rel, k)
+    assert _choice(copy) == _choice(finished_run.run_dir)
