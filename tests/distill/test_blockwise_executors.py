@@ -128,6 +128,7 @@ def test_changed_setting_retrains_exactly_the_affected_jobs(teacher_and_cache, t
     assert retrained(dataclasses.replace(CFG, quant_epochs=CFG.quant_epochs + 1)) == quantized
     assert retrained(dataclasses.replace(CFG, workers=4)) == []  # where, not what
     assert retrained(dataclasses.replace(CFG, lr=CFG.lr / 2)) == sorted(n for _, n in PICKS)
+    assert retrained(dataclasses.replace(CFG, amp=True)) == sorted(n for _, n in PICKS)
     # a quantized job after its float job, the one trained earlier read from disk
     work, needed = plan_jobs(jobs, dataclasses.replace(CFG, quant_epochs=9), 7)
     after = {w.payload.name: w.after for w in work}
