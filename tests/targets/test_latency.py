@@ -36,7 +36,7 @@ def conv_net(width: int = 32) -> nn.Module:
     )
 
 
-@pytest.mark.parametrize("name", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("name", ["onnxruntime", "torch", "openvino"])
 def test_backend_measures_conv_above_overhead(name: str) -> None:
     backend = get_backend(name)
     ms = backend.measure(conv_net(), SHAPE, **FAST)
@@ -312,6 +312,34 @@ def test_backends_time_quantized_modules_and_onnx_models() -> None:
     assert get_backend("torch").measure(quantized, shape, warmup=1, repeats=2) > 0
     with pytest.raises(ArchnetError, match="not ONNX"):
         get_backend("torch").measure(export_onnx(model, shape), shape, warmup=1, repeats=2)
+
+
+def test_openvino_times_qdq_graphs_under_its_own_cache_key(monkeypatch) -> None:
+    """OpenVINO runs a fake-quantized module as its QDQ graph (int8 where the CPU has it); its
+    timings are keyed apart from onnxruntime's; without the package, one line says the fix."""
+    from archnet.quant import QuantConfig, calibrate, quantize_model
+
+    shape = (1, 8, 32, 32)
+    quantized = conv_net(64)
+    quantize_model(quantized, QuantConfig(8, 8))
+    calibrate(quantized, torch.randn(shape))
+    backend = get_backend("openvino")
+    times = backend.measure_interleaved(
+        {"fp32": (conv_net(64), shape), "w8a8": (quantized.eval(), shape)},
+        rounds=1,
+        warmup=1,
+        repeats=3,
+    )
+    assert times["fp32"] > 0 and times["w8a8"] > 0
+    key = backend.cache_key()
+    assert key.backend == "openvino" and "openvino 20" in key.runtime
+    assert key != get_backend("onnxruntime").cache_key()
+    from archnet.targets import load_target
+
+    assert load_target("openvino-cpu").latency_backend().name == "openvino"
+    monkeypatch.setitem(__import__("sys").modules, "openvino", None)
+    with pytest.raises(ArchnetError, match=r"archnet\[openvino\]"):
+        get_backend("openvino")
 
 
 class NoTorchScript(nn.Sequential):

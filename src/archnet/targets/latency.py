@@ -62,6 +62,7 @@ __all__ = [
     "measure_cached",
     "measure_cached_group",
     "module_signature",
+    "prepare_onnx",
     "register_backend",
 ]
 
@@ -310,6 +311,22 @@ def _time_ms(run: Runner) -> float:
     return (time.perf_counter_ns() - start) / 1e6
 
 
+def prepare_onnx(
+    module: Timeable, input_shape: tuple[int, ...], exporter: str | None = None
+) -> Prepared:
+    """``module`` as ONNX bytes (QDQ when fake-quantized) and a sample input: what an ONNX
+    runtime loads. An ONNX model handed in is kept as it is."""
+    if isinstance(module, onnx.ModelProto):
+        x = np.random.default_rng(0).standard_normal(input_shape, dtype=np.float32)
+        tag = exporter_of(module) or EXTERNAL
+        return Prepared(tag, (module.SerializeToString(), x), fixed=True)
+    from archnet.quant.export import export_any
+
+    model = export_any(module, input_shape, exporter=exporter)
+    x = sample_input(module, input_shape).cpu().numpy()
+    return Prepared(exporter_of(model) or EXTERNAL, (model.SerializeToString(), x))
+
+
 @register_backend("onnxruntime")
 class OnnxRuntimeBackend(LatencyBackend):
     """onnxruntime with all graph optimizations, i.e. what an ONNX deployment would run."""
@@ -329,15 +346,7 @@ class OnnxRuntimeBackend(LatencyBackend):
     def _prepare(
         self, module: Timeable, input_shape: tuple[int, ...], exporter: str | None = None
     ) -> Prepared:
-        if isinstance(module, onnx.ModelProto):
-            x = np.random.default_rng(0).standard_normal(input_shape, dtype=np.float32)
-            tag = exporter_of(module) or EXTERNAL
-            return Prepared(tag, (module.SerializeToString(), x), fixed=True)
-        from archnet.quant.export import export_any
-
-        model = export_any(module, input_shape, exporter=exporter)
-        x = sample_input(module, input_shape).cpu().numpy()
-        return Prepared(exporter_of(model) or EXTERNAL, (model.SerializeToString(), x))
+        return prepare_onnx(module, input_shape, exporter)
 
     def _runner(self, prepared: Prepared, input_shape: tuple[int, ...]) -> Runner:
         model, x = prepared.payload

@@ -22,6 +22,7 @@ from typing import Any
 import onnx
 
 from archnet.errors import ArchnetError
+from archnet.targets import ov_backend  # noqa: F401 (registers the openvino backend)
 from archnet.targets.latency import BACKENDS, LatencyBackend, get_backend
 
 __all__ = ["BUILTIN", "CONV_GROUPS", "DEVICES", "Rules", "Target", "list_targets", "load_target"]
