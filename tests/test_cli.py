@@ -284,8 +284,9 @@ def test_bad_quantization_options(capsys, tmp_path, resnet_ckpt, args, needles):
     assert_one_line_error(code, err, *needles)
 
 
-def test_qdq_export_of_a_float_run(capsys, finished_run):
-    code, _, err = run_cli(capsys, "export", "--run", str(finished_run.run_dir), "--format", "qdq")
+@pytest.mark.parametrize("fmt", ["qdq", "qonnx"])
+def test_quantized_export_of_a_float_run(capsys, finished_run, fmt):
+    code, _, err = run_cli(capsys, "export", "--run", str(finished_run.run_dir), "--format", fmt)
     assert_one_line_error(code, err, "float student", "--bits")
 
 

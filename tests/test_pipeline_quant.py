@@ -97,6 +97,59 @@ def test_mixed_precision_meets_the_size_budget(tmp_path, tiny_teacher, tiny_imag
     assert any(n.endswith("@w8a8") for n in names) and any(n.endswith("@w2a4") for n in names)
 
 
+def test_qonnx_export_of_a_quantized_run(w4a4_run, capsys) -> None:
+    pytest.importorskip("qonnx")
+    from archnet.cli import main
+
+    assert main(["export", "--run", str(w4a4_run.run_dir), "--format", "qonnx"]) == 0
+    out = capsys.readouterr().out
+    assert (w4a4_run.run_dir / "student.qonnx.onnx").is_file()
+    assert "Quant nodes" in out and "agrees with PyTorch" in out and "bit operations" in out
+
+
+def test_integer_chip_costs_bit_widths_by_estimate(tmp_path, tiny_teacher, tiny_images) -> None:
+    """archnet-5op-int with --bits auto: every width of every choice is costed by the bitops
+    model (labelled estimated), the ILP picks widths under the budget, and the student's QONNX
+    export is estimated at exactly the search's figure."""
+    pytest.importorskip("qonnx")
+    from archnet.quant.qonnx import write_qonnx
+    from archnet.stages.assemble import load_student
+    from archnet.store import open_store, read_json
+    from archnet.targets import load_target
+
+    run = _convert(
+        tiny_teacher,
+        tiny_images,
+        tmp_path / "int",
+        bits="auto",
+        target="archnet-5op-int",
+        candidates="archnet_conv,skip",
+        budget="0.3",
+    )
+    rep = run.report
+    assert rep["latency"]["estimated"] and rep["latency"]["backend"] == "bitops"
+    search = read_json(run.run_dir / "search.json")
+    widths = {n.split("@")[1] for n in search["result"]["names"] if "@" in n}
+    assert widths and widths <= {"w8a8", "w4a4", "w2a4"}
+    table, lowered = search["table"], 0
+    for names, costs in zip(table["candidates"], table["costs"]["latency_ms"]):
+        by_name = dict(zip(names, costs))
+        for name in names:  # a lower width of the same candidate is estimated cheaper
+            twin = name.replace("@w8a8", "@w2a4")
+            if name.endswith("@w8a8") and twin in by_name:
+                assert by_name[twin] < by_name[name]
+                lowered += 1
+    assert lowered > 0
+    s = rep["student"]
+    assert s["latency_ms"] == pytest.approx(s["predicted_latency_ms"], rel=1e-9)
+    assert s["latency_ms"] <= rep["budgets"]["latency_ms"]
+    store = open_store(run.run_dir)
+    backend = load_target("archnet-5op-int").latency_backend()
+    shape = (1, *store.prepared.input_size)
+    found = write_qonnx(load_student(store), shape, tmp_path / "s.qonnx.onnx", tiny_images[:2])
+    assert backend.estimate_ms(found) == pytest.approx(s["predicted_latency_ms"], rel=1e-9)
+
+
 def test_archnet_mode_student_is_integer_only(tmp_path, tiny_teacher, tiny_images) -> None:
     """Arch-Distillation trains the quantized student; every conv and FC computes on integers."""
     import onnx

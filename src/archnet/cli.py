@@ -147,15 +147,28 @@ def _export(a: argparse.Namespace) -> int:
     from archnet.store import open_store
 
     store = open_store(a.run)
-    if a.format == "qdq" and not store.config.bits:
+    if a.format in ("qdq", "qonnx") and not store.config.bits:
         raise ArchnetError(
-            f"{a.run} holds a float student; QDQ export needs a quantized one: convert with "
-            "--bits (e.g. --bits w8a8)"
+            f"{a.run} holds a float student; {a.format.upper()} export needs a quantized one: "
+            "convert with --bits (e.g. --bits w8a8)"
         )
     result = finish(store)
     print_summary(result.report, result.run_dir, out)
     kind = "QDQ ONNX" if store.config.bits else "ONNX"
     out.print(f"{kind} student: {result.run_dir / 'student.onnx'}")
+    if a.format == "qonnx":
+        from archnet.quant.qonnx import write_qonnx
+        from archnet.stages import common
+        from archnet.stages.assemble import load_student
+
+        path = result.run_dir / "student.qonnx.onnx"
+        x = common.task(store).inputs(store, "eval")[:8]
+        found = write_qonnx(load_student(store), common.input_shape(store), path, x)
+        out.print(
+            f"QONNX student: {path} ({found['quant_nodes']} Quant nodes; qonnx's executor "
+            f"agrees with PyTorch within {found['max_abs_diff']:.2g}; estimated "
+            f"{found['bops'] / 1e6:.2f} M bit operations)"
+        )
     return 0
 
 
@@ -201,8 +214,9 @@ def _latency(a: argparse.Namespace) -> int:
         title=f"{a.model} {'x'.join(map(str, (batch, *size)))} on {target.name} "
         f"({backend.name}, {backend.device}, {backend.threads} thread(s))"
     )
-    for col in ("block", "input", "output", "ms"):
-        table.add_column(col, justify="right" if col == "ms" else "left")
+    unit = "estimated ms" if backend.estimated else "ms"
+    for col in ("block", "input", "output", unit):
+        table.add_column(col, justify="right" if col == unit else "left")
     total = 0.0
     for s in specs:
         shape = (batch, *s.in_shape)
@@ -218,7 +232,8 @@ def _latency(a: argparse.Namespace) -> int:
     whole = backend.measure(model, (batch, *size), **kw)
     table.add_row("(outside blocks)", "", "", f"{outside:.4f}")
     table.add_row("predicted sum", "", "", f"{outside + total:.4f}")
-    table.add_row("measured network", "", "", f"{whole:.4f}")
+    how = "estimated" if backend.estimated else "measured"
+    table.add_row(f"{how} network", "", "", f"{whole:.4f}")
     out.print(table)
     return 0
 
@@ -482,9 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True)
     e.add_argument(
         "--format",
-        choices=("onnx", "qdq"),
+        choices=("onnx", "qdq", "qonnx"),
         default="onnx",
-        help="qdq: require the quantized student's QuantizeLinear/DequantizeLinear ONNX",
+        help="qdq: require the quantized student's QuantizeLinear/DequantizeLinear ONNX; "
+        "qonnx: also write student.qonnx.onnx (Quant nodes with bit widths, FINN-style)",
     )
 
     r = sub.add_parser("report", help="print a finished run's summary table")

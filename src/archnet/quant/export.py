@@ -28,7 +28,7 @@ from archnet.quant.lsq import MIN_STEP, LSQQuantizer
 from archnet.quant.modules import QuantModule
 from archnet.quant.qdq import Storage, activation_qdq, storage_for, weight_dq
 
-__all__ = ["export_any", "export_qdq", "int4_supported", "qdq_report"]
+__all__ = ["export_any", "export_qdq", "export_rewritten", "int4_supported", "qdq_report"]
 
 PLACEHOLDER_DOMAIN = "archnet"
 REPORT_KEY = "archnet.qdq"
@@ -138,6 +138,54 @@ def _check_quantizers(model: nn.Module) -> None:
         )
 
 
+def export_rewritten(
+    model: nn.Module,
+    rewriter,
+    input_shape: tuple[int, ...] | None,
+    exporter: str | None,
+    args: tuple[torch.Tensor, ...] | None,
+    names: OnnxIO | None,
+) -> tuple[onnx.ModelProto, str | None]:
+    """Export ``model`` with each quantizer as a placeholder node (bit width, sign, id) and let
+    ``rewriter.rewrite(node)`` replace each one (``rewriter.tensors``: the quantizers by id;
+    ``.report``: one entry per rewritten tensor; ``.new_init``: initializers it adds).
+    Returns the rewritten model (unchecked) and its exporter tag."""
+    _check_quantizers(model)
+    tensors = rewriter.tensors
+    for index, entry in enumerate(tensors):
+        entry.quantizer.export_id = index
+    try:
+        exported = export_onnx(model, input_shape, exporter=exporter, args=args, names=names)
+    finally:
+        for entry in tensors:
+            entry.quantizer.export_id = -1
+    tag = exporter_of(exported)
+    graph = exported.graph
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.domain == PLACEHOLDER_DOMAIN:
+            nodes.extend(rewriter.rewrite(node))
+        else:
+            nodes.append(node)
+    missing = {t.name for t in tensors} - {entry["name"] for entry in rewriter.report}
+    if missing:  # an exporter that does not keep the placeholders would drop the quantizers
+        raise ArchnetError(
+            f"the ONNX export ({tag}) lost {len(missing)} of {len(tensors)} quantizers (e.g. "
+            f"{sorted(missing)[0]}); a quantized export needs the TorchScript exporter"
+        )
+    used = {name for node in nodes for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + rewriter.new_init)
+    imports = [op for op in exported.opset_import if op.domain != PLACEHOLDER_DOMAIN]
+    del exported.opset_import[:]
+    exported.opset_import.extend(imports)
+    del graph.value_info[:]  # shapes of rewritten tensors are re-inferred by the runtime
+    return exported, tag
+
+
 def export_qdq(
     model: nn.Module,
     input_shape: tuple[int, ...] | None = None,
@@ -161,40 +209,8 @@ def export_qdq(
     ``args`` and ``names`` export a model with several (or integer) inputs from example
     tensors, as in ``export_onnx``. Every quantizer of ``model`` must be used by its forward.
     """
-    _check_quantizers(model)
-    tensors = _quantized_tensors(model)
-    for index, entry in enumerate(tensors):
-        entry.quantizer.export_id = index
-    try:
-        exported = export_onnx(model, input_shape, exporter=exporter, args=args, names=names)
-    finally:
-        for entry in tensors:
-            entry.quantizer.export_id = -1
-    tag = exporter_of(exported)
-    graph = exported.graph
-    rewriter = _Rewriter(tensors, int4)
-    nodes: list[onnx.NodeProto] = []
-    for node in graph.node:
-        if node.domain == PLACEHOLDER_DOMAIN:
-            nodes.extend(rewriter.rewrite(node))
-        else:
-            nodes.append(node)
-    missing = {t.name for t in tensors} - {entry["name"] for entry in rewriter.report}
-    if missing:  # an exporter that does not keep the placeholders would drop the quantizers
-        raise ArchnetError(
-            f"the ONNX export ({tag}) lost {len(missing)} of {len(tensors)} quantizers (e.g. "
-            f"{sorted(missing)[0]}); QDQ export needs the TorchScript exporter"
-        )
-    used = {name for node in nodes for name in node.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(kept + rewriter.new_init)
-    imports = [op for op in exported.opset_import if op.domain != PLACEHOLDER_DOMAIN]
-    del exported.opset_import[:]
-    exported.opset_import.extend(imports)
-    del graph.value_info[:]  # shapes of rewritten tensors are re-inferred by the runtime
+    rewriter = _Rewriter(_quantized_tensors(model), int4)
+    exported, tag = export_rewritten(model, rewriter, input_shape, exporter, args, names)
     if rewriter.four_bit and _opset(exported) < INT4_OPSET:
         exported = version_converter.convert_version(exported, INT4_OPSET)
         del exported.graph.value_info[:]

@@ -24,6 +24,7 @@ from archnet.results import (
     SearchOutcome,
 )
 from archnet.score import spearman
+from archnet.targets.latency import BACKENDS
 
 # a latency prediction this far off the measurement is flagged in the report
 POOR_PREDICTION = 0.25
@@ -114,6 +115,7 @@ def build_report(r: ReportInputs) -> dict[str, Any]:
         "conversions": asm.conversions,
         "latency": {
             "backend": exp.backend,
+            "estimated": BACKENDS[exp.backend].estimated,
             "device": exp.device,
             "threads": exp.threads,
             "input_shape": exp.input_shape,

@@ -7,6 +7,11 @@ from typing import Any
 from archnet.tasks import METRICS, decisions
 
 
+def latency_how(rep: dict) -> str:
+    """How the report's latencies were obtained: timed, or a cost model's estimate."""
+    return "estimated by a cost model" if rep["latency"].get("estimated") else "measured"
+
+
 def faster(speedup: float) -> str:
     """'2.10x faster' or '1.35x slower': a ratio below one reads badly as 'faster'."""
     return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
@@ -42,7 +47,11 @@ def render_markdown(rep: dict[str, Any]) -> str:
         "",
         f"Target **{rep['target']['name']}**; latency on {lat['backend']} ({lat['device']}, "
         f"{lat['threads']} thread(s)), input {'x'.join(map(str, lat['input_shape']))}, teacher "
-        "and student timed in the same run, interleaved.",
+        + (
+            "and student **estimated** (bit operations and bits moved; no chip was run)."
+            if lat.get("estimated")
+            else "and student timed in the same run, interleaved."
+        ),
         f"Latency budget {rep['budget_spec']} = {rep['budgets']['latency_ms']:.3f} ms; the "
         f"search kept the student under {rep['latency_limit_ms']:.3f} ms, leaving a margin for "
         "timing noise.",
@@ -52,7 +61,7 @@ def render_markdown(rep: dict[str, Any]) -> str:
         "",
         "| | teacher | student | student / teacher |",
         "|---|---:|---:|---:|",
-        f"| latency, measured (ms) | {t['latency_ms']:.3f} | {s['latency_ms']:.3f} | "
+        f"| latency, {latency_how(rep)} (ms) | {t['latency_ms']:.3f} | {s['latency_ms']:.3f} | "
         f"{faster(rep['speedup'])} |",
         f"| latency, predicted by the search table (ms) | {t['predicted_latency_ms']:.3f} | "
         f"{s['predicted_latency_ms']:.3f} | prediction error {100 * rep['prediction_error']:.1f}% |",

@@ -28,7 +28,8 @@ def plot_blocks(rep: dict[str, Any], path: Path) -> None:
             x + 0.2, b["latency_ms"], b["choice"], rotation=90, fontsize=7, va="bottom", ha="center"
         )
     ax.set_xticks(list(xs), [b["block"] for b in blocks], rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("latency, measured in the latency stage (ms)")
+    how = "estimated" if rep["latency"].get("estimated") else "measured"
+    ax.set_ylabel(f"latency, {how} in the latency stage (ms)")
     ax.set_title("Chosen candidate per block")
     ax.legend()
     fig.tight_layout()

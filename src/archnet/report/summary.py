@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from archnet.report.markdown import faster, kb, mean_std
+from archnet.report.markdown import faster, kb, latency_how, mean_std
 from archnet.tasks import METRICS, decisions
 
 
@@ -27,7 +27,7 @@ def print_summary(rep: dict, run_dir: Path, out: Console) -> None:
         table.add_column(col, justify=justify)
     table.add_column("student / teacher", justify="right")
     table.add_row(
-        "latency, measured (ms)",
+        f"latency, {latency_how(rep)} (ms)",
         f"{t['latency_ms']:.3f}",
         f"{s['latency_ms']:.3f}",
         f"{1 / rep['speedup']:.2f} ({faster(rep['speedup'])})",

@@ -161,6 +161,7 @@ class LatencyBackend(ABC):
 
     name: ClassVar[str] = ""
     devices: ClassVar[Mapping[str, Callable[[], bool]]] = {"cpu": lambda: True}
+    estimated: ClassVar[bool] = False  # True: figures come from a cost model, not a clock
 
     def __init__(self, device: str = "cpu", threads: int = 1) -> None:
         self.device = device
@@ -424,8 +425,11 @@ class TorchBackend(LatencyBackend):
         return lambda: work(x)
 
 
-def get_backend(name: str, device: str = "cpu", threads: int = 1) -> LatencyBackend:
-    """Backend instance by registry name; refuses devices this machine cannot provide."""
+def get_backend(
+    name: str, device: str = "cpu", threads: int = 1, **options: float
+) -> LatencyBackend:
+    """Backend instance by registry name; refuses devices this machine cannot provide.
+    ``options``: a cost model's settings (a target's ``[cost]`` table)."""
     if name not in BACKENDS:
         raise ArchnetError(
             f"unknown latency backend {name!r}; known backends: {', '.join(sorted(BACKENDS))}"
@@ -444,7 +448,12 @@ def get_backend(name: str, device: str = "cpu", threads: int = 1) -> LatencyBack
         )
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
         raise ArchnetError(f"latency threads must be a positive integer, got {threads!r}")
-    return cls(device=device, threads=threads)
+    if options and not cls.estimated:
+        raise ArchnetError(
+            f"latency backend {name!r} measures; [cost] settings ({', '.join(options)}) apply "
+            "to a cost model (backend 'bitops')"
+        )
+    return cls(device=device, threads=threads, **options)
 
 
 def module_signature(module: nn.Module) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 import onnx
 
 from archnet.errors import ArchnetError
-from archnet.targets import ov_backend  # noqa: F401 (registers the openvino backend)
+from archnet.targets import cost_model, ov_backend  # noqa: F401 (register their backends)
 from archnet.targets.latency import BACKENDS, LatencyBackend, get_backend
 
 __all__ = ["BUILTIN", "CONV_GROUPS", "DEVICES", "Rules", "Target", "list_targets", "load_target"]
@@ -82,7 +82,13 @@ class Target:
     batch_size: int = 1
     allowed_ops: frozenset[str] | None = None
     rules: Rules = field(default_factory=Rules)
+    cost: tuple[tuple[str, float], ...] = ()  # a cost model's [cost] settings, sorted
     source: str = BUILTIN
+
+    @property
+    def estimated(self) -> bool:
+        """Whether its latency figures are a cost model's estimates, not measurements."""
+        return BACKENDS[self.backend].estimated
 
     def allows(self, op_type: str) -> bool:
         """Whether an ONNX op type may appear in a student for this target."""
@@ -90,7 +96,9 @@ class Target:
 
     def latency_backend(self) -> LatencyBackend:
         """The configured backend; fails here (not at load time) when the device is missing."""
-        return get_backend(self.backend, device=self.device, threads=self.threads)
+        return get_backend(
+            self.backend, device=self.device, threads=self.threads, **dict(self.cost)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """TOML-shaped data: written into a run's config and loadable again as a profile."""
@@ -109,6 +117,8 @@ class Target:
         }
         if self.rules:
             data["rules"] = self.rules.to_dict()
+        if self.cost:
+            data["cost"] = dict(self.cost)
         return data
 
     @classmethod
@@ -162,6 +172,25 @@ def _is_op_list(value: object) -> bool:
     return value == ALL_OPS or (
         isinstance(value, list) and all(isinstance(op, str) and op for op in value)
     )
+
+
+COST_KEYS = ("bops_per_ms", "bits_per_ms")
+
+
+def _is_cost(value: object) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value.values()
+    )
+
+
+def _to_cost(value: Mapping[str, float]) -> tuple[tuple[str, float], ...]:
+    return tuple(sorted((k, float(v)) for k, v in value.items()))
+
+
+def _check_cost(value: Mapping[str, Any], source: str) -> None:
+    unknown = sorted(set(value) - set(COST_KEYS))
+    if unknown:
+        raise _fail(source, f"unknown key cost.{unknown[0]} (known: {', '.join(COST_KEYS)})")
 
 
 def _same(value: Any) -> Any:
@@ -250,6 +279,7 @@ _KINDS: dict[str, _Kind] = {
         _is_op_list, lambda: f'"{ALL_OPS}" or a list of ONNX op types', _to_ops, _check_op_names
     ),
     "rules": _Kind(_is_table, lambda: "a table", _to_rules, _check_rules),
+    "cost": _Kind(_is_cost, lambda: "a table of positive numbers", _to_cost, _check_cost),
 }
 
 _REQUIRED = object()
@@ -272,6 +302,7 @@ _FIELDS = (
     _Field("latency.batch_size", "batch_size", "count", 1),
     _Field("ops.allowed", "allowed_ops", "ops", ALL_OPS),
     _Field("rules", "rules", "rules", {}),
+    _Field("cost", "cost", "cost", {}),
 )
 
 # Keys accepted but not turned into fields ("source" is written by to_dict for provenance).
