@@ -62,7 +62,7 @@ def test_measure_many_returns_all_keys() -> None:
 
 
 def test_unknown_backend_and_device() -> None:
-    with pytest.raises(ArchnetError, match="onnxruntime, torch"):
+    with pytest.raises(ArchnetError, match="bitops, onnxruntime, openvino, torch"):
         get_backend("tensorrt")
     with pytest.raises(ArchnetError, match="supported: cpu, cuda"):
         get_backend("torch", device="tpu")

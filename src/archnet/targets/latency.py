@@ -62,6 +62,7 @@ __all__ = [
     "measure_cached",
     "measure_cached_group",
     "module_signature",
+    "OnnxBackend",
     "prepare_onnx",
     "register_backend",
 ]
@@ -328,19 +329,18 @@ def prepare_onnx(
     return Prepared(exporter_of(model) or EXTERNAL, (model.SerializeToString(), x))
 
 
-@register_backend("onnxruntime")
-class OnnxRuntimeBackend(LatencyBackend):
-    """onnxruntime with all graph optimizations, i.e. what an ONNX deployment would run."""
+class OnnxBackend(LatencyBackend):
+    """A backend that runs a module's ONNX export (QDQ when fake-quantized); a subclass names
+    its runtime and runs the bytes."""
 
-    devices: ClassVar[Mapping[str, Callable[[], bool]]] = {
-        "cpu": lambda: True,
-        "cuda": _ort_cuda_available,
-    }
+    @abstractmethod
+    def runtime_version(self) -> str:
+        """The runtime and its version (part of the cache key)."""
 
     def runtime(self) -> str:
         chain = ">".join(export_chain())
         return (
-            f"onnxruntime {ort.__version__}; onnx {onnx.__version__}; "
+            f"{self.runtime_version()}; onnx {onnx.__version__}; "
             f"exported by torch {torch.__version__} via {chain}"
         )
 
@@ -348,6 +348,19 @@ class OnnxRuntimeBackend(LatencyBackend):
         self, module: Timeable, input_shape: tuple[int, ...], exporter: str | None = None
     ) -> Prepared:
         return prepare_onnx(module, input_shape, exporter)
+
+
+@register_backend("onnxruntime")
+class OnnxRuntimeBackend(OnnxBackend):
+    """onnxruntime with all graph optimizations, i.e. what an ONNX deployment would run."""
+
+    devices: ClassVar[Mapping[str, Callable[[], bool]]] = {
+        "cpu": lambda: True,
+        "cuda": _ort_cuda_available,
+    }
+
+    def runtime_version(self) -> str:
+        return f"onnxruntime {ort.__version__}"
 
     def _runner(self, prepared: Prepared, input_shape: tuple[int, ...]) -> Runner:
         model, x = prepared.payload

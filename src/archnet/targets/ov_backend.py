@@ -12,19 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import ClassVar
 
-import onnx
-import torch
-
 from archnet.errors import ArchnetError
-from archnet.onnx_utils import export_chain
-from archnet.targets.latency import (
-    LatencyBackend,
-    Prepared,
-    Runner,
-    Timeable,
-    prepare_onnx,
-    register_backend,
-)
+from archnet.targets.latency import OnnxBackend, Prepared, Runner, register_backend
 
 __all__ = ["OpenVinoBackend"]
 
@@ -40,7 +29,7 @@ def _openvino():
 
 
 @register_backend("openvino")
-class OpenVinoBackend(LatencyBackend):
+class OpenVinoBackend(OnnxBackend):
     """OpenVINO on the CPU (see the module docstring)."""
 
     devices: ClassVar[Mapping[str, Callable[[], bool]]] = {"cpu": lambda: True}
@@ -49,17 +38,8 @@ class OpenVinoBackend(LatencyBackend):
         _openvino()  # fail at construction, with the fix, not mid-run
         super().__init__(device, threads)
 
-    def runtime(self) -> str:
-        chain = ">".join(export_chain())
-        return (
-            f"openvino {_openvino().__version__}; onnx {onnx.__version__}; "
-            f"exported by torch {torch.__version__} via {chain}"
-        )
-
-    def _prepare(
-        self, module: Timeable, input_shape: tuple[int, ...], exporter: str | None = None
-    ) -> Prepared:
-        return prepare_onnx(module, input_shape, exporter)
+    def runtime_version(self) -> str:
+        return f"openvino {_openvino().__version__}"
 
     def _runner(self, prepared: Prepared, input_shape: tuple[int, ...]) -> Runner:
         ov = _openvino()
