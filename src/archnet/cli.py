@@ -238,6 +238,50 @@ def _latency(a: argparse.Namespace) -> int:
     return 0
 
 
+@command("plan")
+def _plan(a: argparse.Namespace) -> int:
+    """What a conversion will do, in seconds, before any training (exit 1: it would refuse)."""
+    from archnet.blocks import find_blocks
+    from archnet.config import ConvertConfig
+    from archnet.models import load_model
+    from archnet.plan import plan_conversion
+    from archnet.stages.common import resolve_mode
+    from archnet.stages.prepare import resolve_input_size
+    from archnet.targets import load_target
+
+    model = load_model(a.model, a.checkpoint)
+    cfg = ConvertConfig(input_size=_input_size(a.input_size), target=a.target, mode=a.mode)
+    resolve_input_size(cfg, model, "")
+    target = load_target(a.target)
+    specs = find_blocks(model, cfg.input_size, a.blocks)
+    patterns = [p.strip() for p in a.candidates.split(",")] if a.candidates else None
+    mode = resolve_mode(cfg)
+    plan = plan_conversion(model, specs, target, mode, (1, *cfg.input_size), patterns)
+    blocks = Table(title=f"{a.model}: {len(specs)} blocks, {mode} mode on {target.name}")
+    for col in ("block", "input", "output", "candidates the target runs"):
+        blocks.add_column(col)
+    for spec in specs:
+        shapes = ("x".join(map(str, s)) for s in (spec.in_shape, spec.out_shape))
+        blocks.add_row(spec.name, *shapes, str(plan.candidates[spec.name]))
+    out.print(blocks)
+    if plan.rewrites:
+        rewrites = Table(title="shell rewrites (compared with the teacher's layer on its input)")
+        for col in ("module", "was", "now", "how close"):
+            rewrites.add_column(col)
+        for r in plan.rewrites:
+            how = "in place" if r.exact is None else "exact" if r.exact else "approximate"
+            error = "" if r.error is None else f" ({r.error:.1e})"
+            rewrites.add_row(r.module, r.was, r.now, how + error)
+        out.print(rewrites)
+    for line in plan.left:
+        print(f"left: {line}")
+    print(
+        f"plan: {len(specs)} blocks, {len(plan.rewrites)} shell rewrites, "
+        + ("nothing left outside the blocks" if plan.ok else f"{len(plan.left)} node(s) left")
+    )
+    return 0 if plan.ok else 1
+
+
 @command("check")
 def _check(a: argparse.Namespace) -> int:
     """One line per broken rule and per node the checker could not verify; exit 1 on any
@@ -515,6 +559,19 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--blocks")
     lt.add_argument("--warmup", type=int, default=10)
     lt.add_argument("--repeats", type=int, default=50)
+
+    pl = sub.add_parser(
+        "plan",
+        help="what a conversion will do, before any training: blocks, candidates, shell "
+        "rewrites (exact or approximate), what the target cannot run (exit 1 if anything)",
+    )
+    pl.add_argument("--model", required=True)
+    pl.add_argument("--checkpoint")
+    pl.add_argument("--input-size")
+    pl.add_argument("--target", default="archnet-5op")
+    pl.add_argument("--blocks")
+    pl.add_argument("--candidates", help="candidate patterns (default '*')")
+    pl.add_argument("--mode", default="auto", choices=("auto", "hant", "archnet"))
 
     k = sub.add_parser(
         "check",

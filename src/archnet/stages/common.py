@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,7 +15,6 @@ from archnet.choices import Bits
 from archnet.config import ConvertConfig
 from archnet.distill.blockwise import CandidateJob
 from archnet.errors import ArchnetError
-from archnet.opconvert import split_wide_layers
 from archnet.quant import QuantConfig, parse_bits, prepare_qat
 from archnet.results import PoolResult
 from archnet.store import RunStore
@@ -109,16 +107,9 @@ def quantize_outside(store: RunStore, model: nn.Module, calibration: torch.Tenso
 def shell(store: RunStore) -> tuple[nn.Module, list[list[str]]]:
     """The network the chosen blocks go into: the teacher, with its stem and head converted
     to the target's operators in Arch-Net mode; and the conversions made."""
-    net = copy.deepcopy(store.teacher)
-    if mode(store) != "archnet":
-        return net, []
-    from archnet.opconvert import convert_modules
+    from archnet.plan import convert_shell
 
-    names = [s.name for s in specs(store)]
-    rows = convert_modules(net, names)
-    cap = target(store).rules.max_channels
-    if cap:
-        rows += split_wide_layers(net, cap, names)
+    net, rows = convert_shell(store.teacher, specs(store), target(store), mode(store))
     return net, [list(r) for r in rows]
 
 

@@ -27,6 +27,14 @@ def run(store: RunStore) -> PoolResult:
 
     target = common.target(store)
     mode = common.mode(store)
+    if target.allowed_ops is not None or target.rules:  # seconds now, not hours later
+        from archnet.plan import preflight
+
+        quantize = None
+        if common.bit_options(store) != [None]:  # the shell as a quantized student has it
+            quantize = lambda m, x: common.quantize_outside(store, m, x)  # noqa: E731
+        shell = common.shell(store)[0]
+        preflight(shell, common.specs(store), target, common.input_shape(store), quantize)
     cap = store.config.max_macs_ratio
     if cap is None:
         cap = HANT_MACS_CAP if mode == "hant" else 0

@@ -1,0 +1,139 @@
+"""`archnet plan` and the pre-flight check: blocks, candidates, shell rewrites judged exact or
+approximate against the teacher's own layers, and what no rewrite handles, named in seconds;
+a conversion that would fail at its final check is refused before any training."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from archnet import convert
+from archnet.blocks import find_blocks
+from archnet.cli import main
+from archnet.errors import ArchnetError
+from archnet.plan import plan_conversion, preflight
+from archnet.targets import load_target
+from tests.conftest import tiny_config
+
+TARGET = load_target("archnet-5op")
+
+
+def test_plan_of_resnet18_judges_each_rewrite():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    specs = find_blocks(model, (3, 32, 32))
+    plan = plan_conversion(model, specs, TARGET, "archnet", (1, 3, 32, 32))
+    assert plan.ok and len(plan.blocks) == 8
+    assert all(n > 0 for n in plan.candidates.values())
+    how = {r.module: r.exact for r in plan.rewrites}
+    assert how == {"conv1": True, "maxpool": False}  # 7x7 factorised exactly; 3x3 pool is not
+
+
+class AddStem(nn.Module):
+    """Two parallel convs summed in the module's own forward (RepVGG-style glue)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return x + torch.relu(self.conv(x))
+
+
+def _glued() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        AddStem(),
+        nn.ReLU(),
+        nn.Sequential(Block(), Block()),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    ).eval()
+
+
+def test_what_no_rewrite_handles_is_named():
+    model = _glued()
+    specs = find_blocks(model, (3, 16, 16), "2.*")
+    plan = plan_conversion(model, specs, TARGET, "archnet", (1, 3, 16, 16), count_candidates=False)
+    assert not plan.ok
+    assert any("(Add)" in line and "[from 0]" in line for line in plan.left)
+    assert not any(f"[from {s.name}" in line for s in specs for line in plan.left)  # stubs
+    with pytest.raises(ArchnetError, match=r"\(Add\).*--blocks"):
+        preflight(model, specs, TARGET, (1, 3, 16, 16))
+
+
+def test_conversion_is_refused_before_any_training(tmp_path, tiny_images):
+    images = torch.nn.functional.interpolate(tiny_images[:16], size=16)
+    begin = time.perf_counter()
+    with pytest.raises(ArchnetError, match="outside the blocks"):
+        cfg = tiny_config(blocks="2.*")
+        convert(_glued(), images, "archnet-5op", out=tmp_path / "run", config=cfg)
+    assert time.perf_counter() - begin < 60
+    assert not (tmp_path / "run" / "features").exists()
+
+
+def test_plan_command(capsys):
+    args = ["plan", "--model", "timm:repvgg_a0", "--input-size", "3,32,32"]
+    assert main([*args, "--candidates", "archnet_conv,skip"]) == 1
+    out = capsys.readouterr().out
+    assert "left: /stem/Add (Add) [from stem]" in out and "1 node(s) left" in out
+
+
+# timm CNN families, random weights, 64x64: a plan either leaves nothing outside the blocks,
+# or names what it leaves, within a minute (blocks not found at all: refused likewise)
+FAMILIES = [
+    "resnet18",
+    "resnext26ts",
+    "cspresnet50",
+    "cspdarknet53",
+    "repvgg_a0",
+    "dla34",
+    "densenet121",
+    "hrnet_w18_small",
+    "ghostnet_100",
+    "mixnet_s",
+    "rexnet_100",
+    "mobilenetv2_100",
+    "mobilenetv3_small_100",
+    "efficientnet_b0",
+    "efficientnet_lite0",
+    "regnetx_002",
+    "vgg11",
+    "mnasnet_100",
+    "lcnet_050",
+    "convnext_atto",
+    "tinynet_e",
+    "dpn48b",
+]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_plan_over_timm_families(name, record_property):
+    torch.manual_seed(0)
+    begin = time.perf_counter()
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    try:
+        specs = find_blocks(model, (3, 64, 64))
+    except ArchnetError as e:  # refused, naming why
+        assert "blocks" in str(e)
+        record_property("outcome", f"refused: {e}")
+        return
+    plan = plan_conversion(model, specs, TARGET, "archnet", (1, 3, 64, 64), count_candidates=False)
+    assert time.perf_counter() - begin < 60
+    assert plan.ok or all("[from " in line or "(" in line for line in plan.left)
+    record_property("outcome", "ok" if plan.ok else f"{len(plan.left)} left: {plan.left[0]}")
