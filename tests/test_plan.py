@@ -88,10 +88,15 @@ def test_conversion_is_refused_before_any_training(tmp_path, tiny_images):
 
 
 def test_plan_command(capsys):
-    args = ["plan", "--model", "timm:repvgg_a0", "--input-size", "3,32,32"]
-    assert main([*args, "--candidates", "archnet_conv,skip"]) == 1
+    args = ["plan", "--model", "timm:cspresnet50", "--input-size", "3,32,32"]
+    assert main([*args, "--candidates", "skip"]) == 1
     out = capsys.readouterr().out
-    assert "left: /stem/Add (Add) [from stem]" in out and "1 node(s) left" in out
+    assert "left: /stages/stages.0/Split (Split) [from stages.0]" in out
+    assert "4 node(s) left" in out
+    args = ["plan", "--model", "timm:repvgg_a0", "--input-size", "3,32,32"]
+    assert main([*args, "--candidates", "skip"]) == 0  # its branch-sum stem folds exactly
+    out = capsys.readouterr().out
+    assert "exact" in out and "nothing left outside the blocks" in out
 
 
 # timm CNN families, random weights, 64x64: a plan either leaves nothing outside the blocks,

@@ -38,7 +38,8 @@ Linear, Flatten, Dropout, Identity, AdaptiveAvgPool2d(1) (and timm's SelectAdapt
 'avg', which is built from the last two).
 
 Transformer layers (``nn.LayerNorm``, timm attention, ``nn.Embedding``, a ViT's token pooling)
-are converted in :mod:`archnet.tokenconvert`, registered here.
+are converted in :mod:`archnet.tokenconvert`, registered here; exact rewrites of multi-branch
+blocks and bias-free Linear layers in :mod:`archnet.legalize`.
 
 Not converted (left in place for a target check to report): Sigmoid, Hardsigmoid, Tanh
 (gates have no ReLU counterpart); GroupNorm and norms over several axes; dilated
@@ -618,4 +619,5 @@ def split_wide_layers(
 
 
 # Transformer conversions register themselves on import; at the end, as they use this module.
+from archnet import legalize as _legalize  # noqa: E402, F401
 from archnet import tokenconvert as _tokenconvert  # noqa: E402, F401

@@ -35,6 +35,7 @@ from archnet.choices import Bits, build_choice, parse_choice, quantize_from
 from archnet.context import BlockContext, call_block
 from archnet.device import autocast, to_device
 from archnet.distill.bn import recalibrate_bn
+from archnet.distill.finetune import out_of_place
 from archnet.distill.losses import nmse
 from archnet.errors import ArchnetError
 from archnet.executors import Executor, InProcessExecutor, Job
@@ -251,6 +252,7 @@ def train_candidate(
         module, init = _best_start(job, teacher_block, x, y, base_seed, context)
     else:
         module, init = build_candidate(job.name, job.spec, teacher_block), "teacher"
+    out_of_place(module)  # autograd needs what an in-place activation would overwrite
     job_cfg = cfg.for_job(job.bits is not None)
     seed = job.seed(base_seed)
     history = (

@@ -122,6 +122,18 @@ def finetune(
     return history
 
 
+def out_of_place(model: nn.Module) -> nn.Module:
+    """Every in-place activation of ``model`` made out of place (in place, and returned).
+
+    An in-place ReLU overwrites a tensor that autograd (or a feature tap) still needs: VGG's
+    ``ReLU(inplace=True)`` after a tapped conv fails backward. Out of place, the values are the
+    same; only memory is spent."""
+    for module in model.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    return model
+
+
 def assemble(teacher: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
     """A copy of the teacher with blocks swapped by qualified name (torchao-style module swap)."""
     student = copy.deepcopy(teacher)

@@ -121,9 +121,11 @@ def train_student(
     images = task.inputs(store, "train")
     names = [s.name for s in common.specs(store)]
     kw = {"seed": store.config.seed if seed is None else seed, "changed": changed, "task": task}
+    from archnet.distill.finetune import out_of_place
+
     device = common.device(store)
-    student.to(device)
-    store.teacher.to(device)
+    out_of_place(student).to(device)  # taps and autograd read what in-place ops overwrite
+    out_of_place(store.teacher).to(device)
     try:
         return _train(store, student, arch_cfg, label, images, names, kw)
     finally:  # the run's models live on the CPU between stages
