@@ -72,3 +72,36 @@ def test_a_teacher_pickled_from_code_that_is_gone(tmp_path, monkeypatch):
     store = RunStore(tmp_path, ConvertConfig())
     with pytest.raises(ArchnetError, match="needs the module 'mymodels'.*PYTHONPATH"):
         _ = store.teacher
+
+
+def test_a_pickled_model_whose_module_is_gone_names_it(tmp_path, monkeypatch):
+    """A teacher (or student) of the user's own class, read where its module is not
+    importable: one line naming the module, not a traceback."""
+    import importlib
+    import sys
+
+    import torch
+
+    from archnet.stages.assemble import STUDENT, load_student
+    from archnet.store import _load_torch
+
+    (tmp_path / "user_models.py").write_text(
+        "import torch\nclass Wrapped(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.conv = torch.nn.Conv1d(1, 2, 5)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("user_models")
+    torch.save(module.Wrapped(), tmp_path / "teacher.pt")
+    torch.save(module.Wrapped(), tmp_path / STUDENT)
+    monkeypatch.delitem(sys.modules, "user_models")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    with pytest.raises(ArchnetError, match="needs the module 'user_models'.*PYTHONPATH"):
+        _load_torch(tmp_path / "teacher.pt", "the teacher", weights_only=False)
+
+    class Store:
+        def path(self, name):
+            return tmp_path / name
+
+    with pytest.raises(ArchnetError, match="needs the module 'user_models'"):
+        load_student(Store())

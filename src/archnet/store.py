@@ -218,6 +218,14 @@ class RunStore:
         return self.data.get(f"{split}_labels")
 
 
+def missing_module(path: Path, what: str, e: ModuleNotFoundError) -> ArchnetError:
+    """The one line for a pickled model whose class's module cannot be imported here."""
+    return ArchnetError(
+        f"{path} ({what}) needs the module {e.name!r}, which cannot be imported here; run "
+        "archnet where that module is importable (e.g. add its folder to PYTHONPATH)"
+    )
+
+
 def _load_torch(path: Path, what: str, weights_only: bool) -> Any:
     """An input of the run that cannot be recomputed: its loss ends the run with a clear line."""
     try:
@@ -225,10 +233,7 @@ def _load_torch(path: Path, what: str, weights_only: bool) -> Any:
     except FileNotFoundError:
         problem = "is missing"
     except ModuleNotFoundError as e:  # a pickled model whose class lives in the user's code
-        raise ArchnetError(
-            f"{path} ({what}) needs the module {e.name!r}, which cannot be imported here; run "
-            "archnet where that module is importable (e.g. add its folder to PYTHONPATH)"
-        ) from None
+        raise missing_module(path, what, e) from None
     except Exception as e:  # truncated or foreign files raise many types
         problem = f"is unreadable ({type(e).__name__})"
     raise ArchnetError(

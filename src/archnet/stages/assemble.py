@@ -59,11 +59,14 @@ def run(store: RunStore) -> AssembleResult:
 
 
 def load_student(store: RunStore) -> nn.Module:
+    from archnet.errors import ArchnetError
+    from archnet.store import missing_module
+
     try:
         student = torch.load(store.path(STUDENT), map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as e:  # the student holds the teacher's own classes
+        raise missing_module(store.path(STUDENT), "the student", e) from None
     except Exception as e:  # missing or truncated
-        from archnet.errors import ArchnetError
-
         raise ArchnetError(
             f"{store.path(STUDENT)} is unreadable ({type(e).__name__}); resume the run to "
             "assemble it again"
