@@ -52,6 +52,21 @@ def test_bias_free_linear_exports_as_gemm_exactly():
     assert with_zero_bias(nn.Linear(16, 4)) is None  # with a bias it is a Gemm already
 
 
+def test_csp_stage_split_becomes_one_hot_convs_exactly():
+    from archnet.legalize import SplitFreeCrossStage, split_free_cross_stage
+
+    torch.manual_seed(0)
+    stage = _randomize_bn(timm.create_model("cspresnet50", pretrained=False).stages[1])
+    x = torch.randn(2, 128, 16, 16)
+    before = stage(x)
+    rows = split_free_cross_stage(stage)
+    assert type(stage) is SplitFreeCrossStage and rows and rows[0][0] == ""
+    torch.testing.assert_close(stage(x), before, rtol=0, atol=0)  # one-hot taps: bit-exact
+    assert "Split" not in _ops(stage, (1, 128, 16, 16))
+    assert not any(p.requires_grad for p in stage.pick_cross.parameters())  # they select
+    assert split_free_cross_stage(nn.Identity()) == []
+
+
 @pytest.mark.parametrize("act", [nn.ReLU, nn.ReLU6, nn.SiLU])
 def test_out_of_place_keeps_values(act):
     model = nn.Sequential(nn.Linear(4, 4), act(inplace=True))

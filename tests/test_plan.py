@@ -88,15 +88,15 @@ def test_conversion_is_refused_before_any_training(tmp_path, tiny_images):
 
 
 def test_plan_command(capsys):
-    args = ["plan", "--model", "timm:cspresnet50", "--input-size", "3,32,32"]
-    assert main([*args, "--candidates", "skip"]) == 1
+    args = ["plan", "--model", "tests.test_plan:_glued", "--input-size", "3,16,16"]
+    assert main([*args, "--blocks", "2.*", "--candidates", "skip"]) == 1
     out = capsys.readouterr().out
-    assert "left: /stages/stages.0/Split (Split) [from stages.0]" in out
-    assert "4 node(s) left" in out
-    args = ["plan", "--model", "timm:repvgg_a0", "--input-size", "3,32,32"]
-    assert main([*args, "--candidates", "skip"]) == 0  # its branch-sum stem folds exactly
-    out = capsys.readouterr().out
-    assert "exact" in out and "nothing left outside the blocks" in out
+    assert "(Add) [from 0]" in out and "1 node(s) left" in out
+    for name in ("repvgg_a0", "cspresnet50"):  # a branch-sum stem, cross-stage splits: exact
+        args = ["plan", "--model", f"timm:{name}", "--input-size", "3,32,32"]
+        assert main([*args, "--candidates", "skip"]) == 0
+        out = capsys.readouterr().out
+        assert "exact" in out and "nothing left outside the blocks" in out
 
 
 # timm CNN families, random weights, 64x64: a plan either leaves nothing outside the blocks,

@@ -160,8 +160,8 @@ def convert_modules(
 
     def rewrite(prefix: str, module: nn.Module) -> None:
         fn = _rewrites.get(type(module).__name__)
-        for name, was, now in fn(module) if fn else []:
-            rows.append((f"{prefix}.{name}" if prefix else name, was, now))
+        for name, was, now in fn(module) if fn else []:  # name "": the module itself
+            rows.append((".".join(p for p in (prefix, name) if p), was, now))
 
     def visit(prefix: str, parent: nn.Module) -> None:
         rewrite(prefix, parent)

@@ -94,6 +94,21 @@ def _inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, tu
     return seen
 
 
+def _rewritten(teacher: nn.Module, shell: nn.Module, name: str) -> nn.Module:
+    """The module as this one rewrite left it: a layer replaced whole is the shell's; a module
+    edited in place (whose children may hold other rewrites) is a copy of the teacher's with
+    that edit alone, so each row is judged on its own."""
+    from archnet.opconvert import _rewrites
+
+    module = teacher.get_submodule(name)
+    edit = _rewrites.get(type(module).__name__)
+    if edit is None:
+        return shell.get_submodule(name)
+    alone = copy.deepcopy(module)
+    edit(alone)
+    return alone
+
+
 def _compare(teacher: nn.Module, shell: nn.Module, rows, x: torch.Tensor) -> list[Rewrite]:
     inputs = _inputs(teacher, [r[0] for r in rows], x)
     out = []
@@ -103,7 +118,7 @@ def _compare(teacher: nn.Module, shell: nn.Module, rows, x: torch.Tensor) -> lis
             continue
         with torch.no_grad():
             old = teacher.get_submodule(name).eval()(*inputs[name])
-            new = shell.get_submodule(name).eval()(*inputs[name])
+            new = _rewritten(teacher, shell, name).eval()(*inputs[name])
         if not (isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor)) or (
             old.shape != new.shape
         ):
