@@ -118,6 +118,8 @@ FAMILY_PATTERNS: dict[str, str] = {
     "convnext": "stages.*.blocks.*",  # timm ConvNeXt
     "regnet": "s[0-9].b[0-9]*",  # timm RegNet
     "stages": "stages.*.*",  # other staged timm models
+    "densenet": "features.denseblock*",  # timm / torchvision DenseNet: each dense block
+    "dla": "level*",  # timm DLA: each level (its trees aggregate inside)
     "blocks": "blocks.*",  # flat block lists (ViT-style, the archnet zoo)
     "features": "features.*",  # torchvision MobileNet / VGG-style
     "sequential": "*",  # a plain nn.Sequential: its top-level children
