@@ -142,3 +142,33 @@ def test_plan_over_timm_families(name, record_property):
     assert time.perf_counter() - begin < 60
     assert plan.ok or all("[from " in line or "(" in line for line in plan.left)
     record_property("outcome", "ok" if plan.ok else f"{len(plan.left)} left: {plan.left[0]}")
+
+
+PLUGIN = '''
+import torch
+from torch import nn
+
+from archnet.opconvert import register_converter
+
+
+@register_converter("AddStem")
+def one_conv(stem):
+    """a(x) + b(x) of two same-shaped convs is one conv with the summed weights (exact)."""
+    conv = nn.Conv2d(stem.a.in_channels, stem.a.out_channels, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(stem.a.weight + stem.b.weight)
+        conv.bias.copy_(stem.a.bias + stem.b.bias)
+    return conv
+'''
+
+
+def test_a_plugin_converter_is_used_like_a_built_in_one(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_converters.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["plan", "--model", "tests.test_plan:_glued", "--input-size", "3,16,16"]
+    args += ["--blocks", "2.*", "--candidates", "skip"]
+    assert main([*args, "--plugin", "my_converters"]) == 0
+    out = capsys.readouterr().out
+    assert "exact" in out and "nothing left outside the blocks" in out
+    assert main([*args, "--plugin", "no_such_module"]) == 2
+    assert "--plugin no_such_module cannot be imported" in capsys.readouterr().err

@@ -60,6 +60,7 @@ _OPTIONS = {
     "epochs": "blockwise.epochs",
     "finetune_epochs": "finetune.epochs",
     "workers": "blockwise.workers",
+    "plugin": "plugins",
     "executor": "executor",
     "ray_address": "ray_address",
     "gpus_per_job": "gpus_per_job",
@@ -245,10 +246,12 @@ def _plan(a: argparse.Namespace) -> int:
     from archnet.config import ConvertConfig
     from archnet.models import load_model
     from archnet.plan import plan_conversion
+    from archnet.plugins import load_plugins
     from archnet.stages.common import resolve_mode
     from archnet.stages.prepare import resolve_input_size
     from archnet.targets import load_target
 
+    load_plugins(a.plugin)
     model = load_model(a.model, a.checkpoint)
     cfg = ConvertConfig(input_size=_input_size(a.input_size), target=a.target, mode=a.mode)
     resolve_input_size(cfg, model, "")
@@ -494,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--candidates", help="comma-separated candidate patterns (default '*')")
     c.add_argument("--epochs", type=int, help="blockwise distillation epochs per candidate")
     c.add_argument("--finetune-epochs", type=int, help="end-to-end distillation epochs")
+    c.add_argument(
+        "--plugin",
+        help="modules to import first (comma-separated): converters or candidates they "
+        "register are used like the built-in ones",
+    )
     c.add_argument("--workers", type=int, help="processes for candidate training and scoring")
     c.add_argument(
         "--executor",
@@ -572,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--blocks")
     pl.add_argument("--candidates", help="candidate patterns (default '*')")
     pl.add_argument("--mode", default="auto", choices=("auto", "hant", "archnet"))
+    pl.add_argument("--plugin", help="modules to import first (their converters count)")
 
     k = sub.add_parser(
         "check",

@@ -91,6 +91,9 @@ class ConvertConfig:
     # when present), and the executor of candidate and scoring jobs ('auto': 'process' when
     # blockwise.workers > 1, else 'inprocess'; 'ray' on the cluster at ray_address, each job
     # asking for gpus_per_job GPUs)
+    # modules imported before converting (comma-separated): converters, rewrites, candidates
+    # they register are used like the built-in ones (archnet.plugins)
+    plugins: str | None = None
     device: str = "auto"
     executor: str = "auto"
     ray_address: str | None = None
@@ -107,6 +110,9 @@ class ConvertConfig:
         from archnet.tasks import get_task
 
         check_types(self)
+        from archnet.plugins import load_plugins
+
+        load_plugins(self.plugins)  # before anything they register is looked up
         if self.task == "translation":
             raise ArchnetError(
                 "translation models convert with `archnet convert --task translation --model "

@@ -256,4 +256,7 @@ def open_store(root: str | Path) -> RunStore:
         raise ArchnetError(
             f"{e}; restore {root / CONFIG} or start a new run with --out NEW_DIR"
         ) from None
+    from archnet.plugins import load_plugins
+
+    load_plugins(config.plugins)  # the run's converters, as when it was created
     return RunStore(root, config)

@@ -113,6 +113,7 @@ STAGES: list[Stage] = [
         "pool.json",
         keys=(
             "target",
+            "plugins",
             "candidates",
             "max_macs_ratio",
             "mode",
