@@ -97,8 +97,8 @@ class PinnedBackend:
 
 def _pinned(store: RunStore, backend):
     """Under ``--executor ray``, ``backend`` run on a node carrying ``target:NAME`` (where
-    one exists); else ``backend`` itself, in this process."""
-    if store.config.executor != "ray":
+    one exists); else ``backend`` itself, in this process (a cost model runs anywhere)."""
+    if store.config.executor != "ray" or backend.estimated:
         return backend
     from archnet.executors import build_executor
 
