@@ -98,6 +98,8 @@ def build_report(r: ReportInputs) -> dict[str, Any]:
         "splits": {**r.prepare.splits, "eval_source": r.prepare.eval_source},
         "budgets": r.search.budgets,
         "budget_spec": r.search.budget_spec,
+        # the measured student/teacher ratio over the ratio the budget allows (> 1: missed)
+        "measured_over_budget": measured_ratio / (budget / lat.teacher_predicted_ms),
         "latency_limit_ms": r.search.limits["latency_ms"],
         "teacher": teacher,
         "student": student,

@@ -54,7 +54,8 @@ def render_markdown(rep: dict[str, Any]) -> str:
         ),
         f"Latency budget {rep['budget_spec']} = {rep['budgets']['latency_ms']:.3f} ms; the "
         f"search kept the student under {rep['latency_limit_ms']:.3f} ms, leaving a margin for "
-        "timing noise.",
+        "timing noise. Measured, the student's share of the teacher's latency is "
+        f"{rep['measured_over_budget']:.2f} of what the budget allows.",
         f"Images: {sp['train']:,} to train, {sp['selection']:,} to select (scores, search, "
         f"keeping the fine-tune), {sp['eval']:,} to evaluate ({sp['eval_source']}; no choice "
         "reads them).",
