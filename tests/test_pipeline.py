@@ -273,3 +273,36 @@ def test_arch_net_run_with_its_ablation_over_seeds(tmp_path, tiny_teacher, tiny_
         assert min(row["top1"]) <= row["top1_mean"] <= max(row["top1"])
     assert len(list((tmp_path / "a" / "ablation").glob("*.json"))) == 8  # one per variant and seed
     assert "± " in (tmp_path / "a" / "report.md").read_text()
+
+
+def test_a_student_measured_over_budget_is_searched_again(finished_run, tmp_path, monkeypatch):
+    """The export measures the student 1.3x over its budget (as a runtime that
+    does not fuse what the table timed apart would): the run divides the enforced budget by
+    the measured correction and searches once more; a later resume does not correct again."""
+    from archnet.api import finish
+    from archnet.targets.latency import OnnxRuntimeBackend
+
+    copy = copy_run(finished_run, tmp_path)
+    store = open_store(copy)
+    store.config.budget_correction = True
+    store.save_config()
+    store.forget(["export", "ablation", "report"])
+    first_limit = json.loads((copy / "search.json").read_text())["limits"]["latency_ms"]
+    measure = OnnxRuntimeBackend.measure_interleaved
+
+    rep = finished_run.report
+    allowed = rep["budgets"]["latency_ms"] / rep["teacher"]["predicted_latency_ms"]
+
+    def slower_student(self, items, *args, **kwargs):
+        times = measure(self, items, *args, **kwargs)
+        if "student" in times:  # 1.3x what the budget allows, whatever the machine measured
+            times["student"] = times["teacher"] * allowed * 1.3
+        return times
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "measure_interleaved", slower_student)
+    report = finish(store).report
+    correction = open_store(copy).config.latency_correction
+    assert correction > 1.3 and report["latency_correction"] == correction
+    second_limit = json.loads((copy / "search.json").read_text())["limits"]["latency_ms"]
+    assert second_limit == pytest.approx(first_limit / correction)
+    assert finish(open_store(copy)).report["latency_correction"] == correction  # once

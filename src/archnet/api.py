@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ from torch import nn
 from archnet.config import ConvertConfig
 from archnet.data import ImageData
 from archnet.errors import ArchnetError
+from archnet.results import LatencyTable, PoolResult
+from archnet.search import solve
 from archnet.stages import prepare, reconcile, run_stages
 from archnet.stages.assemble import load_student
 from archnet.store import RunStore, open_store, prepare_directory
@@ -111,12 +114,60 @@ def _continue(
         return finish(store)
 
 
+# a measured student this far over its latency budget is re-solved once, corrected
+MISSED_BUDGET = 1.10
+
+
 def finish(store: RunStore) -> ConversionResult:
-    """Run every stage not done yet, holding the run's lock."""
+    """Run every stage not done yet, holding the run's lock; a student measured more than 10%
+    over its latency budget is re-solved once with the measured correction (see
+    :func:`correct_budget`)."""
     with store.locked():
         run_stages(store)
         report = json.loads(store.path("report.json").read_text())
+        if correct_budget(store, report):
+            run_stages(store)
+            report = json.loads(store.path("report.json").read_text())
         return ConversionResult(load_student(store), report, store.root)
+
+
+def correct_budget(store: RunStore, report: dict) -> bool:
+    """Whether the search runs again: ``budget_correction`` is on, the measured student missed
+    the budget by more than ``MISSED_BUDGET``, no correction was made yet, latency is measured (an estimate is exact),
+    and a student fits the corrected budget. The correction is the measured over the predicted
+    student/teacher ratio; it divides the budget the search enforces (``latency_correction``)."""
+    from archnet.stages.common import warn
+    from archnet.stages.latency import cost_table, limits
+
+    missed = report.get("measured_over_budget", 0.0)
+    if not store.config.budget_correction or store.config.latency_correction != 1.0:
+        return False
+    if missed <= MISSED_BUDGET:
+        return False
+    if report["latency"].get("estimated"):
+        return False
+    t, s = report["teacher"], report["student"]
+    factor = (s["latency_ms"] / t["latency_ms"]) / (
+        s["predicted_latency_ms"] / t["predicted_latency_ms"]
+    )
+    if factor <= 1.0:
+        return False
+    corrected = copy.deepcopy(store.config)
+    corrected.latency_correction = round(factor, 4)
+    latency = store.load("latency.json", LatencyTable)
+    table = cost_table(store.load("pool.json", PoolResult), latency)
+    trial = RunStore(store.root, corrected)
+    try:
+        solve(table, limits(trial, latency))
+    except ArchnetError as e:
+        warn(f"measured, the student is {missed:.2f}x over its latency budget; {e}")
+        return False
+    warn(
+        f"measured, the student is {missed:.2f}x over its latency budget (the table predicted "
+        f"it {factor:.2f}x too fast): searching again with the budget divided by {factor:.2f}"
+    )
+    reconcile(store, corrected)
+    return True
 
 
 def _same_inputs(store: RunStore, teacher: Any, data: Any, eval_data: Any) -> None:

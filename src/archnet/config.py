@@ -50,6 +50,11 @@ class ConvertConfig:
     # share of the latency budget the search leaves unused: the same student measured again
     # varies by a few percent, and a budget met only on the prediction is not met
     budget_margin: float = 0.03
+    # measured / predicted student-to-teacher latency ratio, dividing the latency budget the
+    # search enforces; set by the run itself when its measured student missed the budget by
+    # more than 10% and budget_correction is on (archnet.api.finish), else 1.0
+    latency_correction: float = 1.0
+    budget_correction: bool = True
     params_budget: str | None = None  # a fraction of the teacher's ('0.8') or absolute ('1.2M')
     macs_budget: str | None = None  # likewise ('0.5', '150M')
     blocks: str | None = None  # comma-separated block patterns; None: detect
@@ -145,6 +150,8 @@ class ConvertConfig:
             value = getattr(self, name)
             if not 0.0 < value < 0.5:
                 raise ArchnetError(f"{name} {value} must be in (0, 0.5)")
+        if not self.latency_correction > 0:
+            raise ArchnetError(f"latency_correction {self.latency_correction} must be positive")
         if not 0.0 <= self.budget_margin < 0.5:
             raise ArchnetError(f"budget_margin {self.budget_margin} must be in [0, 0.5)")
         if self.ablation_seeds < 1:

@@ -47,6 +47,7 @@ class ReportInputs:
     export: ExportResult
     ablation: AblationResult | None
     stage_seconds: dict[str, float]
+    latency_correction: float = 1.0  # see ConvertConfig.latency_correction
 
 
 def build_report(r: ReportInputs) -> dict[str, Any]:
@@ -100,6 +101,7 @@ def build_report(r: ReportInputs) -> dict[str, Any]:
         "budget_spec": r.search.budget_spec,
         # the measured student/teacher ratio over the ratio the budget allows (> 1: missed)
         "measured_over_budget": measured_ratio / (budget / lat.teacher_predicted_ms),
+        "latency_correction": r.latency_correction,
         "latency_limit_ms": r.search.limits["latency_ms"],
         "teacher": teacher,
         "student": student,

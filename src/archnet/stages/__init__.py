@@ -155,6 +155,8 @@ STAGES: list[Stage] = [
         keys=(
             "budget",
             "budget_margin",
+            "latency_correction",
+            "budget_correction",
             "params_budget",
             "macs_budget",
             "size_budget",

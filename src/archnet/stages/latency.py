@@ -166,9 +166,11 @@ def budgets(store: RunStore, latency: LatencyTable) -> dict[str, float]:
 
 def limits(store: RunStore, latency: LatencyTable) -> dict[str, float]:
     """The budgets the search enforces: the latency budget less ``budget_margin`` of it, so
-    that timing noise does not take the measured student over the budget (counts are exact)."""
+    that timing noise does not take the measured student over the budget (counts are exact),
+    and divided by ``latency_correction`` where a measured student showed the table's
+    prediction too low."""
     out = budgets(store, latency)
-    out["latency_ms"] *= 1.0 - store.config.budget_margin
+    out["latency_ms"] *= (1.0 - store.config.budget_margin) / store.config.latency_correction
     return out
 
 

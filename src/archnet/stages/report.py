@@ -21,6 +21,7 @@ def inputs(store: RunStore) -> ReportInputs:
     cfg = store.config
     return ReportInputs(
         model=cfg.model,
+        latency_correction=cfg.latency_correction,
         target=common.target(store).to_dict(),
         bits={
             "bits": cfg.bits,
