@@ -133,16 +133,16 @@ def finish(store: RunStore) -> ConversionResult:
 
 def correct_budget(store: RunStore, report: dict) -> bool:
     """Whether the search runs again: ``budget_correction`` is on, the measured student missed
-    the budget by more than ``MISSED_BUDGET``, no correction was made yet, latency is measured (an estimate is exact),
-    and a student fits the corrected budget. The correction is the measured over the predicted
-    student/teacher ratio; it divides the budget the search enforces (``latency_correction``)."""
+    the budget by more than ``MISSED_BUDGET``, no correction was made yet, latency is measured
+    (an estimate is exact), and a student fits the corrected budget. The correction is the
+    measured over the predicted student/teacher ratio; it divides the budget the search
+    enforces (``latency_correction``)."""
     from archnet.stages.common import warn
     from archnet.stages.latency import cost_table, limits
 
     missed = report.get("measured_over_budget", 0.0)
-    if not store.config.budget_correction or store.config.latency_correction != 1.0:
-        return False
-    if missed <= MISSED_BUDGET:
+    cfg = store.config
+    if not cfg.budget_correction or cfg.latency_correction != 1.0 or missed <= MISSED_BUDGET:
         return False
     if report["latency"].get("estimated"):
         return False

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -59,8 +58,6 @@ class Outcome:
     job: Job
     result: Any = None
     error: str | None = None
-    seconds: float = 0.0
-    attempts: int = 1
 
 
 class Executor(ABC):
@@ -133,13 +130,11 @@ class InProcessExecutor(Executor):
         results, failed = dict(needed), set()
         for job in _ordered(jobs, needed):
             if (out := _unmet(job, failed)) is None:
-                begin = time.perf_counter()
                 try:
-                    result = fn(shared, job.payload, results.get(job.after))
-                    results[job.key] = result
-                    out = Outcome(job, result, seconds=time.perf_counter() - begin)
+                    results[job.key] = fn(shared, job.payload, results.get(job.after))
+                    out = Outcome(job, results[job.key])
                 except Exception as e:  # one job's failure is reported, the others go on
-                    out = Outcome(job, error=_error(e), seconds=time.perf_counter() - begin)
+                    out = Outcome(job, error=_error(e))
             if out.error:
                 failed.add(job.key)
             yield out
@@ -169,9 +164,8 @@ def _worker_init(shared: Any, threads: int) -> None:
     _SHARED = shared
 
 
-def _worker_call(fn: JobFn, payload: Any, needed: Any) -> tuple[Any, float]:
-    begin = time.perf_counter()
-    return fn(_SHARED, payload, needed), time.perf_counter() - begin
+def _worker_call(fn: JobFn, payload: Any, needed: Any) -> Any:
+    return fn(_SHARED, payload, needed)
 
 
 @register_executor("process")
@@ -219,21 +213,20 @@ class ProcessExecutor(Executor):
                 for future in done:
                     job = running.pop(future)
                     try:
-                        result, seconds = future.result()
+                        results[job.key] = future.result()
                     except BrokenProcessPool:
                         broken = True
                         if attempts[job.key] > self.max_retries:
                             failed.add(job.key)
-                            yield Outcome(job, error="its worker died", attempts=attempts[job.key])
+                            yield Outcome(job, error="its worker died")
                         else:
                             pending.insert(0, job)
                         continue
                     except Exception as e:
                         failed.add(job.key)
-                        yield Outcome(job, error=_error(e), attempts=attempts[job.key])
+                        yield Outcome(job, error=_error(e))
                         continue
-                    results[job.key] = result
-                    yield Outcome(job, result, seconds=seconds, attempts=attempts[job.key])
+                    yield Outcome(job, results[job.key])
                 if broken:  # every job still running went down with the pool: run them again
                     pending[:0] = list(running.values())
                     running.clear()
@@ -250,8 +243,7 @@ def _ray_call(fn: JobFn, shared: Any, payload: Any, needed: Any, threads: int):
     import torch
 
     torch.set_num_threads(threads)
-    begin = time.perf_counter()
-    return fn(shared, payload, needed), time.perf_counter() - begin
+    return fn(shared, payload, needed)
 
 
 @register_executor("ray")
@@ -301,22 +293,20 @@ class RayExecutor(Executor):
             resources=self.resources,
             max_retries=self.max_retries,
             retry_exceptions=False,
-            num_returns=2,  # (result, seconds): a dependent task is handed the result alone
         )
         shared_ref = ray.put(shared)
         threads = max(1, int(self.cpus))
         refs: dict[str, Any] = {}
         for job in _ordered(jobs, needed):
-            dep = refs[job.after][0] if job.after in refs else needed.get(job.after)
+            dep = refs[job.after] if job.after in refs else needed.get(job.after)
             refs[job.key] = task.remote(fn, shared_ref, job.payload, dep, threads)
-        by_ref = {refs[job.key][1]: job for job in jobs}
+        by_ref = {refs[job.key]: job for job in jobs}
         waiting = list(by_ref)
         while waiting:
             ready, waiting = ray.wait(waiting, num_returns=1)
             job = by_ref[ready[0]]
             try:
-                seconds = ray.get(ready[0])
-                result = ray.get(refs[job.key][0])
+                result = ray.get(ready[0])
             except ray.exceptions.RayTaskError as e:
                 cause = e.cause if getattr(e, "cause", None) is not None else e
                 yield Outcome(job, error=_error(cause))
@@ -324,4 +314,4 @@ class RayExecutor(Executor):
             except ray.exceptions.RayError as e:  # worker lost more often than max_retries
                 yield Outcome(job, error=_error(e))
                 continue
-            yield Outcome(job, result, seconds=seconds)
+            yield Outcome(job, result)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from archnet.store import write_json
 
-__all__ = ["JOBS_FILE", "JobBoard"]
+__all__ = ["JOBS_FILE", "JobBoard", "duration"]
 
 JOBS_FILE = "jobs.json"
 
@@ -58,7 +58,7 @@ class JobBoard:
         self.save()
 
     def summary(self) -> str:
-        eta = "" if self.eta_s is None else f", ETA {_duration(self.eta_s)}"
+        eta = "" if self.eta_s is None else f", ETA {duration(self.eta_s)}"
         return (
             f"{self.done} done, {self.running} running, {self.failed} failed, "
             f"{self.left - self.running} waiting, of {self.total}{eta}"
@@ -76,7 +76,8 @@ class JobBoard:
         write_json(self.path, record)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``1h02m`` or ``3m05s``."""
     minutes, s = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{s:02d}s"

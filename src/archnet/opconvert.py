@@ -73,6 +73,7 @@ __all__ = [
     "convert_modules",
     "describe",
     "get_converter",
+    "get_rewrite",
     "register_converter",
     "register_rewrite",
 ]
@@ -111,6 +112,11 @@ def register_rewrite(*class_names: str) -> Callable[[Rewrite], Rewrite]:
         return rewrite
 
     return decorator
+
+
+def get_rewrite(module: nn.Module) -> Rewrite | None:
+    """The in-place glue rewrite registered for ``module``'s class name, or ``None``."""
+    return _rewrites.get(type(module).__name__)
 
 
 def get_converter(module: nn.Module) -> Converter | None:
@@ -159,7 +165,7 @@ def convert_modules(
         return any(name == s or name.startswith(s + ".") for s in skip)
 
     def rewrite(prefix: str, module: nn.Module) -> None:
-        fn = _rewrites.get(type(module).__name__)
+        fn = get_rewrite(module)
         for name, was, now in fn(module) if fn else []:  # name "": the module itself
             rows.append((".".join(p for p in (prefix, name) if p), was, now))
 

@@ -98,10 +98,10 @@ def _rewritten(teacher: nn.Module, shell: nn.Module, name: str) -> nn.Module:
     """The module as this one rewrite left it: a layer replaced whole is the shell's; a module
     edited in place (whose children may hold other rewrites) is a copy of the teacher's with
     that edit alone, so each row is judged on its own."""
-    from archnet.opconvert import _rewrites
+    from archnet.opconvert import get_rewrite
 
     module = teacher.get_submodule(name)
-    edit = _rewrites.get(type(module).__name__)
+    edit = get_rewrite(module)
     if edit is None:
         return shell.get_submodule(name)
     alone = copy.deepcopy(module)

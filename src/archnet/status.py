@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from archnet.errors import ArchnetError
-from archnet.jobboard import JOBS_FILE
+from archnet.jobboard import JOBS_FILE, duration
 from archnet.store import CONFIG, LOCK, STATE, CorruptResult, read_json
 
 __all__ = ["run_status"]
@@ -68,15 +68,10 @@ def run_status(root: str | Path) -> str:
             f"jobs ({board['stage']}, {board['executor']}): {board['done']} done, "
             f"{running} running, {board['failed']} failed, {board['left'] - running} left, "
             f"of {board['total']}"
-            + (f", ETA {_minutes(eta)}" if eta is not None else "")
-            + f" (updated {_minutes(age)} ago)"
+            + (f", ETA {duration(eta)}" if eta is not None else "")
+            + f" (updated {duration(age)} ago)"
         )
         lines += [f"  failed: {e}" for e in board.get("errors", [])[:5]]
     if not working and len(done) < len(NAMES):
         lines.append(f"continue with: {resume}")
     return "\n".join(lines)
-
-
-def _minutes(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m}m{s:02d}s"

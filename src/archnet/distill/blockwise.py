@@ -92,11 +92,6 @@ class CandidateJob:
     def bits(self) -> Bits | None:
         return parse_choice(self.name)[1]
 
-    @property
-    def float_path(self) -> Path:
-        """The checkpoint a quantized job starts from: its float candidate's."""
-        return self.path.with_name(f"{self.candidate}.pt")
-
     def seed(self, base: int) -> int:
         """A seed per (run seed, block, candidate): reordering jobs never changes a result."""
         digest = hashlib.sha1(f"{base}:{self.spec.name}:{self.name}".encode()).hexdigest()
@@ -396,14 +391,22 @@ def run_jobs(
     return failed
 
 
-def load_candidate(job: CandidateJob, teacher_block: nn.Module) -> tuple[nn.Module, dict]:
-    """Rebuild a trained candidate from its checkpoint."""
+def trained_checkpoint(job: CandidateJob) -> dict:
+    """A trained job's checkpoint; one line saying what to do when it is missing or damaged."""
     ckpt = read_checkpoint(job.path)
     if ckpt is None:
         raise ArchnetError(
             f"candidate checkpoint {job.path} is missing or unreadable; resume the run to "
             "train it again"
         )
+    return ckpt
+
+
+def load_candidate(
+    job: CandidateJob, teacher_block: nn.Module, ckpt: dict | None = None
+) -> tuple[nn.Module, dict]:
+    """Rebuild a trained candidate from its checkpoint (``ckpt``, read already, or its file)."""
+    ckpt = trained_checkpoint(job) if ckpt is None else ckpt
     module = build_choice(job.name, job.spec, teacher_block)
     module.load_state_dict(ckpt["state_dict"])
     return module.eval(), ckpt["metrics"]

@@ -107,13 +107,14 @@ def export_qonnx(
     exporter: str | None = None,
 ) -> onnx.ModelProto:
     """QONNX of a fake-quantized ``model`` at ``input_shape`` (see the module docstring)."""
-    if not _quantized_tensors(model):
+    tensors = _quantized_tensors(model)
+    if not tensors:
         raise ArchnetError("QONNX export needs a quantized model (train one with --bits)")
-    rewriter = _QuantRewriter(_quantized_tensors(model))
-    exported, tag = export_rewritten(model, rewriter, input_shape, exporter, None, None)
+    exported, tag = export_rewritten(
+        model, _QuantRewriter(tensors), input_shape, exporter, None, None
+    )
     exported.opset_import.append(helper.make_opsetid(QONNX_DOMAIN, 1))
     stamp_exporter(exported, tag)
-    helper.set_model_props(exported, {"archnet.qonnx": str(len(rewriter.report))})
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,12 +133,15 @@ def _wrapper(proto: onnx.ModelProto):
 
 
 def qonnx_outputs(proto: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
-    """The QONNX model's output on ``x``, computed by qonnx's own executor (node by node)."""
+    """The QONNX model's outputs on ``x``, sample by sample (the graph's batch is 1), computed
+    by qonnx's own executor (node by node)."""
     from qonnx.core.onnx_exec import execute_onnx
 
     model = _wrapper(proto)
-    out = execute_onnx(model, {INPUT_NAME: x.detach().float().cpu().numpy()})
-    return out[model.graph.output[0].name]
+    name, x = model.graph.output[0].name, x.detach().float().cpu().numpy()
+    return np.concatenate(
+        [execute_onnx(model, {INPUT_NAME: x[i : i + 1]})[name] for i in range(len(x))]
+    )
 
 
 def bit_operations(proto: onnx.ModelProto) -> dict:
@@ -189,10 +193,7 @@ def write_qonnx(
     proto = export_qonnx(model, shape, path)
     model = model.eval()
     with torch.no_grad():
-        worst = max(
-            float(np.abs(qonnx_outputs(proto, x[i : i + 1]) - model(x[i : i + 1]).numpy()).max())
-            for i in range(len(x))
-        )
+        worst = float(np.abs(qonnx_outputs(proto, x) - model(x).numpy()).max())
     step = output_step(model)
     if worst > step:
         raise ArchnetError(

@@ -120,12 +120,12 @@ def train_student(
 ) -> Any:
     """End-to-end label-free training: KD fine-tune (HANT) or Arch-Distillation (Arch-Net),
     on the run's ``--device``."""
+    from archnet.distill.finetune import out_of_place
+
     task = common.task(store)
     images = task.inputs(store, "train")
     names = [s.name for s in common.specs(store)]
     kw = {"seed": store.config.seed if seed is None else seed, "changed": changed, "task": task}
-    from archnet.distill.finetune import out_of_place
-
     device = common.device(store)
     out_of_place(student).to(device)  # taps and autograd read what in-place ops overwrite
     out_of_place(store.teacher).to(device)

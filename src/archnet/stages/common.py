@@ -153,8 +153,9 @@ def job_board(store: RunStore, stage: str, total: int, done: int, executor):
     """A fresh :class:`~archnet.jobboard.JobBoard` for ``stage``, saved (``archnet status``)."""
     from archnet.jobboard import JOBS_FILE, JobBoard
 
-    board = JobBoard(store.path(JOBS_FILE), stage, total, done, slots=executor.slots)
-    board.executor = executor.name
+    board = JobBoard(
+        store.path(JOBS_FILE), stage, total, done, slots=executor.slots, executor=executor.name
+    )
     board.save()
     return board
 

@@ -13,9 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from archnet.choices import build_choice
-from archnet.distill.blockwise import read_checkpoint
-from archnet.errors import ArchnetError
+from archnet.distill.blockwise import load_candidate, trained_checkpoint
 from archnet.executors import Job
 from archnet.results import ScoreResult
 from archnet.score import replace_one_block
@@ -42,19 +40,18 @@ def score_job(shared: ScoreShared, payload: tuple, _needed=None) -> dict:
     """Replace-one-block score of one trained choice (its checkpoint given as read)."""
     job, ckpt = payload
     teacher = shared.teacher.to(shared.device)  # once per worker: later calls find it there
-    module = build_choice(job.name, job.spec, teacher.get_submodule(job.spec.name))
-    module.load_state_dict(ckpt["state_dict"])
+    module, metrics = load_candidate(job, teacher.get_submodule(job.spec.name), ckpt)
     score = replace_one_block(
         shared.task,
         teacher,
         job.spec.name,
-        module.to(shared.device).eval(),
+        module.to(shared.device),
         shared.inputs,
         shared.teacher_logits,
         shared.eval_inputs,
         shared.eval_targets,
     )
-    return {**score, "val_nmse": ckpt["metrics"]["val_nmse"]}
+    return {**score, "val_nmse": metrics["val_nmse"]}
 
 
 def run(store: RunStore) -> ScoreResult:
@@ -80,13 +77,7 @@ def run(store: RunStore) -> ScoreResult:
         if isinstance(score, dict):
             found[job.spec.name, job.name] = score
             continue
-        ckpt = read_checkpoint(job.path)
-        if ckpt is None:
-            raise ArchnetError(
-                f"candidate checkpoint {job.path} is missing or unreadable; resume the run to "
-                "train it again"
-            )
-        work.append(Job(key, (job, ckpt), label=f"{job.spec.name}/{job.name}"))
+        work.append(Job(key, (job, trained_checkpoint(job)), label=f"{job.spec.name}/{job.name}"))
         parts[key] = part
     executor = common.executor(store)
     board = common.job_board(store, "score", len(jobs), len(jobs) - len(work), executor)
