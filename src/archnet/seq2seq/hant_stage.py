@@ -13,6 +13,7 @@ test sentences, decoding greedily.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -35,6 +36,7 @@ from archnet.seq2seq.hant import (
 )
 from archnet.seq2seq.layer_latency import mean_output_tokens, measure_latency
 from archnet.seq2seq.net import Seq2SeqNet
+from archnet.seq2seq.onnx import export_seq2seq
 from archnet.seq2seq.timing import latency_sample, time_translations
 from archnet.targets import load_target
 
@@ -95,21 +97,24 @@ def run_hant(run, log) -> tuple[Seq2SeqNet, dict]:
     src = pad_batch([selection_pairs.src[i] for i in sample], teacher.pad)
     steps = max(len(selection_pairs.out[i]) for i in sample)  # the teacher's translation
 
-    def measure(names: Sequence[str]) -> float:
-        timed = time_translations(
-            {"teacher": teacher, "student": assemble(teacher, names, pool)},
-            src,
-            max_new=steps,
-            rounds=cfg.latency_repeats,
-            max_len=cfg.max_new,
-            fixed=True,
-        )
-        return timed["student"].ratio
-
     if cfg.budget is None:
         result, tried = solve(table), []
     else:
-        result, tried = calibrated_solve(table, cfg.budget, measure, log)
+        with tempfile.TemporaryDirectory() as tmp:  # the teacher exported once, timed each try
+            teacher_onnx = export_seq2seq(teacher, tmp, cfg.max_new, src_len=src.shape[1])
+
+            def measure(names: Sequence[str]) -> float:
+                timed = time_translations(
+                    {"teacher": teacher_onnx, "student": assemble(teacher, names, pool)},
+                    src,
+                    max_new=steps,
+                    rounds=cfg.latency_repeats,
+                    max_len=cfg.max_new,
+                    fixed=True,
+                )
+                return timed["student"].ratio
+
+            result, tried = calibrated_solve(table, cfg.budget, measure, log)
     log(f"  search: {', '.join(result.names)} ({result.totals[LATENCY]:.2f} ms predicted)")
     student = assemble(teacher, result.names, pool)
     history = finetune(
