@@ -99,8 +99,8 @@ def test_plan_command(capsys):
         assert "exact" in out and "nothing left outside the blocks" in out
 
 
-# timm CNN families, random weights, 64x64: a plan either leaves nothing outside the blocks,
-# or names what it leaves, within a minute (blocks not found at all: refused likewise)
+# timm CNN families, random weights, 64x64: within a minute, a plan either leaves nothing
+# outside the blocks or is refused naming why
 FAMILIES = [
     "resnet18",
     "resnext26ts",
@@ -127,21 +127,25 @@ FAMILIES = [
 ]
 
 
+# families whose blocks archnet does not find (no container level maps one tensor to one)
+NO_BLOCKS = {"hrnet_w18_small", "vgg11", "dpn48b"}
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_plan_over_timm_families(name, record_property):
     torch.manual_seed(0)
     begin = time.perf_counter()
     model = timm.create_model(name, pretrained=False, num_classes=10).eval()
-    try:
-        specs = find_blocks(model, (3, 64, 64))
-    except ArchnetError as e:  # refused, naming why
-        assert "blocks" in str(e)
-        record_property("outcome", f"refused: {e}")
+    if name in NO_BLOCKS:  # refused at once, asking for --blocks
+        with pytest.raises(ArchnetError, match="--blocks"):
+            find_blocks(model, (3, 64, 64))
         return
+    specs = find_blocks(model, (3, 64, 64))
     plan = plan_conversion(model, specs, TARGET, "archnet", (1, 3, 64, 64), count_candidates=False)
     assert time.perf_counter() - begin < 60
-    assert plan.ok or all("[from " in line or "(" in line for line in plan.left)
-    record_property("outcome", "ok" if plan.ok else f"{len(plan.left)} left: {plan.left[0]}")
+    # every other family's shell converts whole; a node left would be named with its module
+    assert plan.ok, plan.left
+    record_property("outcome", f"{len(specs)} blocks, {len(plan.rewrites)} rewrites")
 
 
 PLUGIN = '''
