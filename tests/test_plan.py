@@ -33,8 +33,9 @@ def test_plan_of_resnet18_judges_each_rewrite():
     assert how == {"conv1": True, "maxpool": False}  # 7x7 factorised exactly; 3x3 pool is not
 
 
-class AddStem(nn.Module):
-    """Two parallel convs summed in the module's own forward (RepVGG-style glue)."""
+class ProductStem(nn.Module):
+    """Two parallel convs multiplied in the module's own forward: glue no exact rewrite makes
+    of layers (a sum would be: ``archnet.glue``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -42,7 +43,7 @@ class AddStem(nn.Module):
         self.b = nn.Conv2d(3, 8, 3, padding=1)
 
     def forward(self, x):
-        return self.a(x) + self.b(x)
+        return self.a(x) * self.b(x)
 
 
 class Block(nn.Module):
@@ -57,7 +58,7 @@ class Block(nn.Module):
 def _glued() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        AddStem(),
+        ProductStem(),
         nn.ReLU(),
         nn.Sequential(Block(), Block()),
         nn.AdaptiveAvgPool2d(1),
@@ -71,9 +72,9 @@ def test_what_no_rewrite_handles_is_named():
     specs = find_blocks(model, (3, 16, 16), "2.*")
     plan = plan_conversion(model, specs, TARGET, "archnet", (1, 3, 16, 16), count_candidates=False)
     assert not plan.ok
-    assert any("(Add)" in line and "[from 0]" in line for line in plan.left)
+    assert any("(Mul)" in line and "[from 0]" in line for line in plan.left)
     assert not any(f"[from {s.name}" in line for s in specs for line in plan.left)  # stubs
-    with pytest.raises(ArchnetError, match=r"\(Add\).*--blocks"):
+    with pytest.raises(ArchnetError, match=r"\(Mul\).*--blocks"):
         preflight(model, specs, TARGET, (1, 3, 16, 16))
 
 
@@ -91,7 +92,7 @@ def test_plan_command(capsys):
     args = ["plan", "--model", "tests.test_plan:_glued", "--input-size", "3,16,16"]
     assert main([*args, "--blocks", "2.*", "--candidates", "skip"]) == 1
     out = capsys.readouterr().out
-    assert "(Add) [from 0]" in out and "1 node(s) left" in out
+    assert "(Mul) [from 0]" in out and "1 node(s) left" in out
     for name in ("repvgg_a0", "cspresnet50"):  # a branch-sum stem, cross-stage splits: exact
         args = ["plan", "--model", f"timm:{name}", "--input-size", "3,32,32"]
         assert main([*args, "--candidates", "skip"]) == 0
@@ -155,13 +156,13 @@ from torch import nn
 from archnet.opconvert import register_converter
 
 
-@register_converter("AddStem")
+@register_converter("ProductStem")
 def one_conv(stem):
-    """a(x) + b(x) of two same-shaped convs is one conv with the summed weights (exact)."""
+    """a(x) * b(x) of two convs, approximated by the first conv alone."""
     conv = nn.Conv2d(stem.a.in_channels, stem.a.out_channels, 3, padding=1)
     with torch.no_grad():
-        conv.weight.copy_(stem.a.weight + stem.b.weight)
-        conv.bias.copy_(stem.a.bias + stem.b.bias)
+        conv.weight.copy_(stem.a.weight)
+        conv.bias.copy_(stem.a.bias)
     return conv
 '''
 
@@ -173,6 +174,6 @@ def test_a_plugin_converter_is_used_like_a_built_in_one(tmp_path, monkeypatch, c
     args += ["--blocks", "2.*", "--candidates", "skip"]
     assert main([*args, "--plugin", "my_converters"]) == 0
     out = capsys.readouterr().out
-    assert "exact" in out and "nothing left outside the blocks" in out
+    assert "approximate" in out and "nothing left outside the blocks" in out
     assert main([*args, "--plugin", "no_such_module"]) == 2
     assert "--plugin no_such_module cannot be imported" in capsys.readouterr().err

@@ -9,14 +9,18 @@ teacher's weights so distillation begins close to the teacher:
 =====================================  =====================================================
 teacher layer                          replacement
 =====================================  =====================================================
-Conv2d 1x1, 1x3, 3x1 (stride 1 or 2)   3x3 conv, taps centred in the kernel (exact)
+Conv2d 1x1, 1x3, 3x1 (stride 1 or 2,   3x3 conv, taps centred in the kernel, padding one
+any padding)                           more along each short side (exact)
+Conv2d 1xk, kx1 'same', stride 1       k // 2 3x3 convs: a partial sum plus the input
+                                       carried one step further out to each side per
+                                       layer (exact, :func:`_line_stack`)
 Conv2d 2x2 stride 2                    3x3 stride-2 conv, taps in its lower-right 2x2
                                        (exact for even input sizes)
 Conv2d kxk stride k, k = 2^n >= 4      n stride-2 3x3 convs moving 2x2 patches to channels,
 ("patchify" stems)                     the last holding the taps (exact for sizes divisible
                                        by k)
-Conv2d kxk, k odd >= 5 (or 1xk, kx1),  linear stack of 3x3 convs with the same receptive
-stride 1 or 2                          field, stride on the first (:class:`ConvStack`):
+Conv2d kxk, k odd >= 5 (or 1xk, kx1    linear stack of 3x3 convs with the same receptive
+stride 2), stride 1 or 2               field, stride on the first (:class:`ConvStack`):
                                        exact two-conv patch factorisation for narrow inputs
                                        (stems), else the centre crop + Dirac identities,
                                        least-squares fitted to the whole kernel (close)
@@ -28,7 +32,8 @@ LayerNorm2d (any class of that name)   BatchNorm2d with the affine weights copie
                                        statistics start at (0, 1) and must be re-estimated
 MaxPool2d kxk stride 2 with the same   MaxPool2d 2x2 stride 2 (approximate)
 output size on every even input
-AvgPool2d 2^n x 2^n, stride 2^n        n x MaxPool2d 2x2 stride 2 (approximate)
+AvgPool2d 2^n x 2^n, stride 2^n        n x MaxPool2d 2x2 stride 2 (approximate), where
+                                       :mod:`archnet.glue` found no exact conv stack
 timm FastAdaptiveAvgPool (NCHW)        AdaptiveAvgPool2d(1) [+ Flatten]: GlobalAveragePool
                                        in ONNX instead of ReduceMean
 =====================================  =====================================================
@@ -46,8 +51,8 @@ Not converted (left in place for a target check to report): Sigmoid, Hardsigmoid
 convs, strides above 2 other than patchify, other even kernels, kxk convs without 'same'
 padding, non-zero padding modes, and Conv2d subclasses (timm's Conv2dSame, StdConv2d);
 MaxPool2d that would change the output size, other AvgPool2d, adaptive pools other than 1x1
-average; and every module whose own ``forward`` does arithmetic (a residual Add, an SE
-gate's Mul, ``x.mean()``) rather than calling child layers. Converters are looked up by a
+average. Arithmetic in a module's own ``forward`` (a residual Add, a chunk, a pad) is not a
+layer: :mod:`archnet.glue` rewrites what it can exactly (not an SE gate's Mul, ``x.mean()``). Converters are looked up by a
 module's exact type or class name, never by subclass, because a subclass may override
 ``forward`` (weight standardisation, dynamic padding) and would silently change meaning.
 
@@ -257,7 +262,12 @@ def _padding(conv: nn.Conv2d) -> tuple[int, int] | None:
 
 
 def _conv3x3(
-    in_ch: int, out_ch: int, kernel: Tensor, bias: Tensor | None, stride: int, padding: int = 1
+    in_ch: int,
+    out_ch: int,
+    kernel: Tensor,
+    bias: Tensor | None,
+    stride: int,
+    padding: int | tuple[int, int] = 1,
 ) -> nn.Conv2d:
     conv = nn.Conv2d(in_ch, out_ch, 3, stride, padding, bias=bias is not None)
     with torch.no_grad():
@@ -303,20 +313,53 @@ def _convert_conv(conv: nn.Conv2d) -> nn.Module | None:
     stride, in_ch, out_ch = sh, conv.in_channels, conv.out_channels
     weight = _dense_weight(conv).cpu()
     bias = _bias(conv)
-    if (kh, kw) == (3, 3):  # grouped: block-diagonal dense weights, exact
-        if padding[0] != padding[1]:
-            return None
-        return _conv3x3(in_ch, out_ch, weight, bias, stride, padding[0])
+    if kh in (1, 3) and kw in (1, 3):  # grouped 3x3 (dense now), 1x1, 1x3, 3x1: any padding
+        pad = (padding[0] + (3 - kh) // 2, padding[1] + (3 - kw) // 2)
+        kernel = F.pad(weight, ((3 - kw) // 2,) * 2 + ((3 - kh) // 2,) * 2)
+        return _conv3x3(in_ch, out_ch, kernel, bias, stride, pad)
     if (kh, kw) == (2, 2) and stride == 2 and padding == (0, 0):
         # window 2i..2i+1 is the 3x3 window 2i-1..2i+1 (padding 1) without its first row/col
         return _conv3x3(in_ch, out_ch, F.pad(weight, (1, 0, 1, 0)), bias, stride)
     if kh % 2 == 0 or kw % 2 == 0 or padding != (kh // 2, kw // 2):
         return None
-    weight = _square_kernel(weight)
-    k = weight.shape[-1]
-    if k <= 3:  # 1x1, 1x3, 3x1: centred in a 3x3 kernel, exact
-        return _conv3x3(in_ch, out_ch, F.pad(weight, [(3 - k) // 2] * 4), bias, stride)
-    return _conv_stack(in_ch, out_ch, weight, bias, stride)
+    if min(kh, kw) == 1 and stride == 1:
+        return _line_stack(weight, bias)
+    return _conv_stack(in_ch, out_ch, _square_kernel(weight), bias, stride)
+
+
+def _line_stack(weight: Tensor, bias: Tensor | None) -> ConvStack:
+    """A 1xk / kx1 'same' conv (k = 2r + 1 >= 5, stride 1) as r exact 3x3 convs: layer j
+    adds taps -j and +j to the partial sum P and carries the input shifted j to each side
+    (``L``, ``R``; width out + 2 in). A shift reads only towards the image border it moves
+    to, so zero padding there is the teacher's own padding: exact at the borders too."""
+    out_ch, in_ch = weight.shape[:2]
+    horizontal = weight.shape[2] == 1
+    taps = weight.reshape(out_ch, in_ch, -1)
+    r = taps.shape[-1] // 2
+
+    def at(offset: int) -> tuple[int, int]:  # kernel position of a shift along the line
+        return (1, 1 + offset) if horizontal else (1 + offset, 1)
+
+    layers, width = [], in_ch
+    for j in range(1, r + 1):
+        last = j == r
+        w = weight.new_zeros(out_ch if last else out_ch + 2 * in_ch, width, 3, 3)
+        if j == 1:  # from x: taps -1..1 into P, x(p -+ 1) into L, R
+            for a in (-1, 0, 1):
+                w[:out_ch, :, at(a)[0], at(a)[1]] = taps[:, :, r + a]
+            src_l = src_r = slice(0, in_ch)
+        else:  # P kept, taps -+j read from L, R one step further out
+            w[:out_ch, :out_ch, 1, 1] = torch.eye(out_ch, dtype=w.dtype)
+            src_l, src_r = slice(out_ch, out_ch + in_ch), slice(out_ch + in_ch, width)
+            w[:out_ch, src_l, at(-1)[0], at(-1)[1]] = taps[:, :, r - j]
+            w[:out_ch, src_r, at(1)[0], at(1)[1]] = taps[:, :, r + j]
+        if not last:
+            eye = torch.eye(in_ch, dtype=w.dtype)
+            w[out_ch : out_ch + in_ch, src_l, at(-1)[0], at(-1)[1]] = eye
+            w[out_ch + in_ch :, src_r, at(1)[0], at(1)[1]] = eye
+        layers.append(_conv3x3(width, w.shape[0], w, bias if last else None, 1))
+        width = w.shape[0]
+    return ConvStack(*layers)
 
 
 def _compose(first: Tensor, second: Tensor, stride: int) -> Tensor:

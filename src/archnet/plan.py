@@ -58,17 +58,34 @@ class Plan:
 
 
 def convert_shell(
-    teacher: nn.Module, specs: list[BlockSpec], target: Target, mode: str
+    teacher: nn.Module,
+    specs: list[BlockSpec],
+    target: Target,
+    mode: str,
+    input_shape: tuple[int, ...] | None = None,
 ) -> tuple[nn.Module, list[tuple[str, str, str]]]:
     """The network the student's blocks go into: the teacher with its stem, head and glue
-    converted to ``target``'s operators in Arch-Net mode (as-is in HANT mode)."""
+    converted to ``target``'s operators in Arch-Net mode (as-is in HANT mode). With
+    ``input_shape``, shape-dependent exact rewrites run first and the functional glue of
+    every module outside the blocks is legalized last (:mod:`archnet.glue`)."""
+    from archnet.glue import legalize_glue, legalize_layers
     from archnet.opconvert import convert_modules, split_wide_layers
 
     net = copy.deepcopy(teacher)
     if mode != "archnet":
         return net, []
     names = [s.name for s in specs]
-    rows = convert_modules(net, names)
+    example = None
+    if input_shape is not None:
+        gen = torch.Generator().manual_seed(0)
+        example = torch.randn(2, *input_shape[1:], generator=gen)  # batch 2: batch-mixing shows
+        ref = next(iter(net.parameters()), None)
+        example = example if ref is None else example.to(ref.device, ref.dtype)
+    rows = [] if example is None else legalize_layers(net, names, example)
+    rows += convert_modules(net, names)
+    if example is not None:
+        net, glue_rows = legalize_glue(net, names, example)
+        rows += glue_rows
     if target.rules.max_channels:
         rows += split_wide_layers(net, target.rules.max_channels, names)
     return net, [tuple(r) for r in rows]
@@ -110,15 +127,27 @@ def _rewritten(teacher: nn.Module, shell: nn.Module, name: str) -> nn.Module:
 
 
 def _compare(teacher: nn.Module, shell: nn.Module, rows, x: torch.Tensor) -> list[Rewrite]:
-    inputs = _inputs(teacher, [r[0] for r in rows], x)
+    """Each row judged alone; a glue layer (:mod:`archnet.glue`) by its module, with that
+    one node's glue replaced, against the teacher's module on the module's input."""
+    from archnet.glue import alone, glue_owner
+
+    owners = {r[0]: glue_owner(shell, r[0]) for r in rows}
+    inputs = _inputs(teacher, [(owners[r[0]] or (r[0],))[0] for r in rows], x)
     out = []
     for name, was, now in rows:
-        if name not in inputs:
+        owner = owners[name]
+        at = owner[0] if owner else name
+        if at not in inputs:
             out.append(Rewrite(name, was, now, None))
             continue
+        args = inputs[at]
         with torch.no_grad():
-            old = teacher.get_submodule(name).eval()(*inputs[name])
-            new = _rewritten(teacher, shell, name).eval()(*inputs[name])
+            old = teacher.get_submodule(at).eval()(*args)
+            if owner:
+                module = alone(teacher.get_submodule(at), args, owner[1])
+            else:
+                module = _rewritten(teacher, shell, name)
+            new = module.eval()(*args)
         if not (isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor)) or (
             old.shape != new.shape
         ):
@@ -175,7 +204,7 @@ def plan_conversion(
     from archnet.targets import rejects
 
     teacher = teacher.eval()
-    shell, rows = convert_shell(teacher, specs, target, mode)
+    shell, rows = convert_shell(teacher, specs, target, mode, input_shape)
     x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
     plan = Plan(target.name, mode, list(specs))
     plan.rewrites = _compare(teacher, shell, rows, x)

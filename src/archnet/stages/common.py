@@ -109,7 +109,9 @@ def shell(store: RunStore) -> tuple[nn.Module, list[list[str]]]:
     to the target's operators in Arch-Net mode; and the conversions made."""
     from archnet.plan import convert_shell
 
-    net, rows = convert_shell(store.teacher, specs(store), target(store), mode(store))
+    net, rows = convert_shell(
+        store.teacher, specs(store), target(store), mode(store), input_shape(store)
+    )
     return net, [list(r) for r in rows]
 
 
