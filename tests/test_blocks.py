@@ -328,3 +328,42 @@ def test_ncl_stride_is_the_length_factor():
     assert BlockSpec("b", (8, 64), (8, 64), "ncl").stride == 1
     assert BlockSpec("b", (8, 64), (8, 24), "ncl").stride == 0
     assert BlockSpec("b", (17, 32), (17, 64), "tokens").stride == 1
+
+
+# ------------------------------------ families found by the HRNet pattern and the generic rule
+
+
+@pytest.mark.parametrize(
+    ("model_name", "count", "first", "last"),
+    [
+        ("vgg11", 6, "features.0", "pre_logits"),  # 5 pooled stages and the conv MLP
+        ("dpn48b", 17, "features.conv1_1", "features.conv5_3"),  # the generic rule
+        ("hrnet_w18_small", 27, "layer1.0", "incre_modules.3"),  # branches and transitions
+    ],
+)
+def test_families_without_a_plain_pattern(model_name, count, first, last) -> None:
+    model = timm.create_model(model_name, num_classes=10).eval()
+    specs = find_blocks(model, (3, 64, 64))
+    assert (len(specs), specs[0].name, specs[-1].name) == (count, first, last)
+    if model_name == "hrnet_w18_small":
+        assert sum(".branches." in s.name for s in specs) == 18
+        assert all(s.context == () and s.out_arity == 0 for s in specs)  # tensor to tensor
+
+
+def test_training_reads_block_outputs_not_what_an_in_place_relu_made_of_them() -> None:
+    from archnet.distill.finetune import FinetuneConfig, finetune
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        block = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+        return nn.Sequential(block, nn.ReLU(inplace=True), nn.Flatten(), nn.LazyLinear(3))
+
+    teacher, student = net(), net()
+    teacher(torch.randn(1, 3, 4, 4))
+    student(torch.randn(1, 3, 4, 4))
+    seen = []
+    student[0].register_forward_hook(lambda _m, _a, out: seen.append(out))
+    cfg = FinetuneConfig(epochs=1, batch_size=4, feature_weight=1.0, shift=0)
+    finetune(student, teacher.eval(), torch.randn(4, 3, 4, 4), cfg, ["0"])
+    assert (seen[0] < 0).any()  # the block's own output, not overwritten by the ReLU after it
+    assert not any(getattr(m, "inplace", False) for m in [*student.modules(), *teacher.modules()])

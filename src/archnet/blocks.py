@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from archnet.chains import chained_blocks, forward_failed, has_groups
 from archnet.context import ContextInput, context_names, split_call, stream_of
 from archnet.errors import ArchnetError
 
@@ -112,7 +113,10 @@ class BlockSpec:
 # Block patterns of common families, tried in order. A pattern is dot-aware: each segment is
 # an fnmatch pattern and the segment count must match, so "blocks.*" never matches "blocks.0.conv".
 FAMILY_PATTERNS: dict[str, str] = {
-    "swin": "layers.*.blocks.*",  # timm Swin (before "layer*.*", which would take its stages)
+    "swin": "layers.*.blocks.*",
+    # timm HRNet: each branch's blocks, the transitions to new branches, the head's blocks (the
+    # branch fusion takes and returns lists: it stays glue); named first, as the rest is optional
+    "hrnet": "stage*.*.branches.*.*,layer1.*,transition*.*,incre_modules.*",  # timm Swin (before "layer*.*", which would take its stages)
     "resnet": "layer*.*",  # timm ResNet / ResNeSt / ResNeXt, torchvision ResNet
     "efficientnet": "blocks.*.*",  # timm EfficientNet / MobileNetV2-V3 / MnasNet
     "convnext": "stages.*.blocks.*",  # timm ConvNeXt
@@ -124,6 +128,7 @@ FAMILY_PATTERNS: dict[str, str] = {
     "features": "features.*",  # torchvision MobileNet / VGG-style
     "sequential": "*",  # a plain nn.Sequential: its top-level children
 }
+# then the generic rule (archnet.chains): the deepest containers whose children run in sequence
 
 
 def match_name(name: str, pattern: str) -> bool:
@@ -137,12 +142,25 @@ def _is_container(module: nn.Module) -> bool:
     return any(True for _ in module.children()) and any(True for _ in module.parameters())
 
 
+def _weightless_stand_in(module: nn.Module) -> bool:
+    return isinstance(module, nn.Identity)
+
+
+def _family_names(model: nn.Module, family: str) -> list[str]:
+    """A family's block names: its first pattern must match, the others may add blocks."""
+    first, *rest = [p.strip() for p in family.split(",")]
+    names = _candidate_names(model, [first], containers_only=True)
+    return _candidate_names(model, [first, *rest], containers_only=True) if names else []
+
+
 def _candidate_names(model: nn.Module, patterns: list[str], containers_only: bool) -> list[str]:
     names = []
     for name, module in model.named_modules():
         if not name or not any(match_name(name, p) for p in patterns):
             continue
         if containers_only and not _is_container(module):
+            if _weightless_stand_in(module):
+                continue  # an nn.Identity where a sibling has a block (HRNet's transitions)
             return []  # a pattern that reaches single layers is at the wrong depth
         if any(True for _ in module.parameters()):
             names.append(name)
@@ -232,11 +250,7 @@ def trace_blocks(model: nn.Module, names: list[str], example: torch.Tensor) -> l
             runs = {n: len(c) for n, c in calls.items()}
             model(torch.cat([example, example[:1]]))
     except Exception as e:  # the user's model: any type
-        shape = tuple(example.shape)
-        raise ArchnetError(
-            f"the model fails on an input of shape {shape} ({type(e).__name__}: "
-            f"{' '.join(str(e).split())[:200]}); pass --input-size C,H,W the model accepts"
-        ) from None
+        raise forward_failed(e, example) from None
     finally:
         for h in handles:
             h.remove()
@@ -258,7 +272,8 @@ def find_blocks(
     """The teacher's blocks in call order: from ``patterns`` (comma-separated globs) or detected.
 
     Detection tries the families in :data:`FAMILY_PATTERNS` and takes the first that yields at
-    least two blocks at container depth.
+    least two blocks at container depth; failing that, the generic rule of
+    :func:`archnet.chains.chained_blocks`, which groups a plain stack's layers in ``model``.
     """
     example = torch.randn(2, *input_shape)
     if patterns:
@@ -272,8 +287,9 @@ def find_blocks(
                 "such as 'layer*.*'"
             )
         return specs
-    for pattern in FAMILY_PATTERNS.values():
-        names = _candidate_names(model, [pattern], containers_only=True)
+    # a teacher grouped before (stored by a run) is found again by the rule that grouped it
+    for pattern in () if has_groups(model) else FAMILY_PATTERNS.values():
+        names = _family_names(model, pattern)
         if pattern == "*" and not isinstance(model, nn.Sequential):
             continue
         if len(names) < 2:
@@ -281,6 +297,10 @@ def find_blocks(
         specs = trace_blocks(model, names, example)
         if len(specs) >= 2:
             return specs
+    names = chained_blocks(model, example)  # may group a plain stack's layers in place
+    specs = trace_blocks(model, names, example) if names else []
+    if len(specs) >= 2:
+        return specs
     raise ArchnetError(
         f"no recognisable blocks in {type(model).__name__}; pass --blocks 'PATTERN' naming the "
         "block modules (e.g. 'layer*.*' or 'blocks.*')"

@@ -21,7 +21,7 @@ from torch import nn
 
 from archnet.distill.aids import AIDS, LAYOUT_OF_RANK
 from archnet.distill.bn import freeze_outside, recalibrate_bn
-from archnet.distill.finetune import _FeatureTap, random_shift
+from archnet.distill.finetune import _FeatureTap, out_of_place, random_shift
 from archnet.distill.losses import nmse
 from archnet.tasks import Task, get_task
 
@@ -238,6 +238,8 @@ def arch_distill(
     task = task or get_task("classification")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    out_of_place(student)  # taps and autograd read what in-place ops would overwrite
+    out_of_place(teacher)
     teacher = teacher.eval()
     names = list(block_names)
     device = _device(student)

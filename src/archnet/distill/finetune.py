@@ -79,7 +79,8 @@ def finetune(
     task = task or get_task("classification")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    teacher = teacher.eval()
+    teacher = out_of_place(teacher).eval()  # a tap must read a block's output, not its ReLU's
+    out_of_place(student)
     device = next(student.parameters()).device
     names = feature_names if cfg.feature_weight > 0 and feature_names else []
     s_tap, t_tap = _FeatureTap(student, names), _FeatureTap(teacher, names)

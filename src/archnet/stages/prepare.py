@@ -181,9 +181,12 @@ def _split(
 
 
 def fingerprint(teacher: nn.Module, blob: dict[str, Any]) -> str:
-    """A hash of the teacher's weights and the data splits: the identity of a run's inputs."""
+    """A hash of the teacher's weights and the data splits: the identity of a run's inputs
+    (under the teacher's own parameter names, before block discovery grouped any layers)."""
+    from archnet.chains import ungrouped_state
+
     h = hashlib.sha1()
-    for name, tensor in teacher.state_dict().items():
+    for name, tensor in ungrouped_state(teacher).items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     for key in sorted(blob):
