@@ -144,7 +144,7 @@ def test_quantized_restricted_vit_quantizes_the_attention_matmuls():
     target = load_target("archnet-transformer")
     student = _restricted(_vit())
     calibration = torch.randn(32, 1, 32, 32)
-    prepare_qat(student, QuantConfig(4, 4, (8, 8)), calibration)
+    student = prepare_qat(student, QuantConfig(4, 4, (8, 8)), calibration)
     attn = student.blocks[0].attn
     assert set(attn.quant) == {"q", "k", "v", "probs"}
     assert not attn.quant["probs"].signed  # probabilities are never negative
@@ -171,7 +171,7 @@ def test_hant_attention_is_made_explicit_for_quantization():
     x = torch.randn(4, 17, 32)
     ref = block(x)
     quantized = copy.deepcopy(block)
-    prepare_qat(quantized, QuantConfig(8, 8, None), x)
+    quantized = prepare_qat(quantized, QuantConfig(8, 8, None), x)
     assert isinstance(quantized.attn, MatMulAttention) and quantized.attn.quant is not None
     assert (quantized(x) - ref).abs().max() < 0.1 * ref.abs().max()
 

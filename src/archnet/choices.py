@@ -63,4 +63,5 @@ def quantize_from(
     """
     if calibration is None:
         calibration = torch.randn(2, *spec.in_shape)
-    return prepare_qat(module, QuantConfig(bits[0], bits[1], first_last=None), calibration)
+    cfg = QuantConfig(bits[0], bits[1], first_last=None)
+    return prepare_qat(module, cfg, calibration, quantize_output=True)

@@ -114,7 +114,7 @@ def block_latency_table(
     wholes = {"teacher_outside": outside_network(teacher, specs), "teacher": teacher}
     outside = outside_network(shell if shell is not None else teacher, specs)
     if quantize_outside is not None:
-        quantize_outside(outside, torch.randn(2, *input_shape[1:]))
+        outside = quantize_outside(outside, torch.randn(2, *input_shape[1:]))
     if shell is not None or quantize_outside is not None:
         wholes["outside"] = outside
     group = measure_cached_group(backend, cache, wholes, input_shape, cfg.rounds, **kw)

@@ -208,7 +208,7 @@ def plan_conversion(
     x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
     plan = Plan(target.name, mode, list(specs))
     plan.rewrites = _compare(teacher, shell, rows, x)
-    plan.left = shell_violations(shell, specs, target, input_shape, _int8(target))
+    plan.left = shell_violations(shell, specs, target, input_shape, _int8(target, specs))
     for spec in specs if count_candidates else []:
         pool = build_pool(spec, teacher.get_submodule(spec.name), candidates or ["*"])
         shape = (1, *spec.in_shape)
@@ -218,13 +218,15 @@ def plan_conversion(
     return plan
 
 
-def _int8(target: Target) -> Quantize | None:
-    """For an integer-only target, the shell quantized at W8A8 (a plan has no --bits)."""
+def _int8(target: Target, specs: list[BlockSpec]) -> Quantize | None:
+    """For an integer-only target, the shell quantized at W8A8 (a plan has no --bits), its
+    block stubs kept as calls."""
     if not target.rules.quantized_only:
         return None
     from archnet.quant import QuantConfig, prepare_qat
 
-    return lambda m, x: prepare_qat(m, QuantConfig(8, 8, (8, 8)), x)
+    keep = tuple(s.name for s in specs)
+    return lambda m, x: prepare_qat(m, QuantConfig(8, 8, (8, 8)), x, keep=keep)
 
 
 def preflight(

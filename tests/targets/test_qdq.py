@@ -153,7 +153,9 @@ def test_genuine_4bit_export_verifies_every_declaration() -> None:
     it, weights from their stored integers, activations from the Clip before their Q."""
     proto = export_qdq(prepared_conv_net("w4a4"), (1, 3, 16, 16))
     tensors = quantized_tensors(proto)
-    assert len(tensors) == 6  # weight and input of three layers
+    # three weights; the input; each conv's output after its ReLU; the pool's output, and its
+    # grid again after the flatten (each tensor quantized once, where it is produced)
+    assert len(tensors) == 8
     assert {t.declared_bits for t in tensors} == {4}
     assert all(t.declaration == VERIFIED for t in tensors), tensors
     assert all(t.bits <= 4 for t in tensors)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from archnet.opconvert import convert_module, get_converter
+from archnet.quant.integer import RequantPoint, integer_points, share_quantizers
 from archnet.quant.lsq import float_mode
 from archnet.quant.modules import QuantConv2d, QuantLinear, QuantModule, mark_unsigned_after_relu
 from archnet.tokenconvert import MatMulAttention, exact_attention
@@ -57,6 +58,9 @@ class QuantConfig:
     weight_bits: int = 4
     act_bits: int = 4
     first_last: tuple[int, int] | None = (8, 8)
+    # quantize every tensor once where an integer chip requantizes it (``integer_points``);
+    # False: only layer inputs, a graph runtimes cannot fuse into integer kernels
+    requantize: bool = True
 
     @classmethod
     def from_string(cls, text: str, first_last: tuple[int, int] | None = (8, 8)) -> QuantConfig:
@@ -296,12 +300,35 @@ def calibrate(model: nn.Module, x: torch.Tensor) -> None:
     model.train(was_training)
 
 
-def prepare_qat(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor) -> nn.Module:
-    """Fold batch norm, swap in quantized layers and set their steps (in place): the starting
-    point of quantization-aware training, in that order because each step needs the last."""
+def prepare_qat(
+    model: nn.Module,
+    cfg: QuantConfig,
+    calibration: torch.Tensor,
+    *,
+    quantize_output: bool = False,
+    keep: tuple[str, ...] = (),
+) -> nn.Module:
+    """Fold batch norm, swap in quantized layers, add the points where an integer chip
+    requantizes (``cfg.requantize``) and set every step: the starting point of
+    quantization-aware training, in that order because each step needs the last. Returns the
+    model to use: the same object, or its traced form when requantization points were added.
+    ``quantize_output`` quantizes its output too (a block: the next one reads it on a grid);
+    the modules named in ``keep`` (the student's blocks, quantized on their own) stay calls,
+    so hooks and swaps by name still find them."""
     fold_bn(model, calibration[:2])
     quantize_model(model, cfg)
+    if cfg.requantize:
+        kept = {id(model.get_submodule(name)) for name in keep}
+        model = integer_points(
+            model,
+            calibration[:2],
+            cfg.act_bits,
+            quantize_output=quantize_output,
+            leaf=lambda m: id(m) in kept,
+        )
     calibrate(model, calibration)
+    if cfg.requantize:
+        share_quantizers(model, calibration[:2])
     return model
 
 
@@ -311,6 +338,9 @@ def strip_quantizers(model: nn.Module) -> nn.Module:
     The float twin of a quantized student: what a runtime without integer kernels runs, and
     the reference a quantized export's latency is compared with.
     """
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(module, RequantPoint):
+            _set_submodule(model, name, nn.Identity())
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantModule):
             _set_submodule(model, name, module.to_float())

@@ -22,13 +22,20 @@ from onnx import helper, version_converter
 from torch import nn
 
 from archnet.errors import ArchnetError
-from archnet.onnx_utils import OnnxIO, export_onnx, exporter_of, stamp_exporter
+from archnet.onnx_utils import OnnxIO, export_onnx, exporter_of, ort_session, stamp_exporter
 from archnet.quant.int4 import INT4_OPSET, int4_supported
 from archnet.quant.lsq import MIN_STEP, LSQQuantizer
 from archnet.quant.modules import QuantModule
 from archnet.quant.qdq import Storage, activation_qdq, storage_for, weight_dq
 
-__all__ = ["export_any", "export_qdq", "export_rewritten", "int4_supported", "qdq_report"]
+__all__ = [
+    "PlaceholderRewriter",
+    "export_any",
+    "export_qdq",
+    "export_rewritten",
+    "int4_supported",
+    "qdq_report",
+]
 
 PLACEHOLDER_DOMAIN = "archnet"
 REPORT_KEY = "archnet.qdq"
@@ -68,14 +75,29 @@ def _pattern(entry: _Tensor) -> str:
     return "activation" if entry.quantizer.bits == 4 else "narrowed_activation"
 
 
-class _Rewriter:
+class PlaceholderRewriter:
+    """What ``export_rewritten`` needs of a rewriter: the quantizers by export id, the
+    initializers it adds, one report entry per rewritten tensor, and unique names for a
+    quantizer rewritten on several tensors (one shared across a max-pool)."""
+
+    def __init__(self, tensors: list[_Tensor]) -> None:
+        self.tensors = tensors
+        self.report: list[dict] = []
+        self.new_init: list[onnx.TensorProto] = []
+        self._uses: dict[int, int] = {}
+
+    def prefix(self, base: str, index: int) -> str:
+        """A name prefix unique to this rewrite of quantizer ``index``."""
+        uses = self._uses[index] = self._uses.get(index, 0) + 1
+        return f"{base}{index}" if uses == 1 else f"{base}{index}_{uses}"
+
+
+class _Rewriter(PlaceholderRewriter):
     """Replaces placeholder nodes with Q/DQ, collecting new nodes, initializers and a report."""
 
     def __init__(self, tensors: list[_Tensor], use_int4: bool) -> None:
-        self.tensors = tensors
+        super().__init__(tensors)
         self.use_int4 = use_int4
-        self.report: list[dict] = []
-        self.new_init: list[onnx.TensorProto] = []
         self.four_bit = False  # whether any tensor is stored in 4 bits (needs opset 21)
 
     def _storage(self, entry: _Tensor) -> Storage:
@@ -89,7 +111,8 @@ class _Rewriter:
         entry = self.tensors[index]
         quant = entry.quantizer
         storage = self._storage(entry)
-        out, prefix = node.output[0], f"qdq{index}"
+        prefix = self.prefix("qdq", index)
+        out = node.output[0]
         step_t = quant.step.detach().float().clamp_min(MIN_STEP).cpu()
         step = step_t.numpy().reshape(-1)
         if entry.weight is not None:  # a weight: store it already quantized
@@ -138,6 +161,35 @@ def _check_quantizers(model: nn.Module) -> None:
         )
 
 
+def _rewrite_placeholders(graph: onnx.GraphProto, rewriter) -> list[onnx.NodeProto]:
+    """The graph's nodes with each placeholder rewritten once per quantizer and tensor: a
+    quantizer shared by several readers of one tensor (or applied again to its own output,
+    where it is the identity) becomes one Q/DQ pair, which runtimes fuse into integer kernels."""
+    nodes: list[onnx.NodeProto] = []
+    done: dict[tuple[str, int], str] = {}  # (input, quantizer id) -> rewritten output
+    made_by: dict[str, int] = {}  # a rewritten output -> its quantizer's id
+    alias: dict[str, str] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+        if node.domain != PLACEHOLDER_DOMAIN:
+            nodes.append(node)
+            continue
+        index, src, out = _attr(node, "id"), node.input[0], node.output[0]
+        if made_by.get(src) == index:
+            alias[out] = src
+        elif (src, index) in done:
+            alias[out] = done[src, index]
+        else:
+            done[src, index], made_by[out] = out, index
+            nodes.extend(rewriter.rewrite(node))
+    for output in graph.output:
+        if output.name in alias:  # keep the graph's output name: an Identity carries it
+            nodes.append(helper.make_node("Identity", [alias[output.name]], [output.name]))
+    return nodes
+
+
 def export_rewritten(
     model: nn.Module,
     rewriter,
@@ -147,8 +199,7 @@ def export_rewritten(
     names: OnnxIO | None,
 ) -> tuple[onnx.ModelProto, str | None]:
     """Export ``model`` with each quantizer as a placeholder node (bit width, sign, id) and let
-    ``rewriter.rewrite(node)`` replace each one (``rewriter.tensors``: the quantizers by id;
-    ``.report``: one entry per rewritten tensor; ``.new_init``: initializers it adds).
+    ``rewriter.rewrite(node)`` (a ``PlaceholderRewriter``) replace each one.
     Returns the rewritten model (unchecked) and its exporter tag."""
     _check_quantizers(model)
     tensors = rewriter.tensors
@@ -161,12 +212,7 @@ def export_rewritten(
             entry.quantizer.export_id = -1
     tag = exporter_of(exported)
     graph = exported.graph
-    nodes: list[onnx.NodeProto] = []
-    for node in graph.node:
-        if node.domain == PLACEHOLDER_DOMAIN:
-            nodes.extend(rewriter.rewrite(node))
-        else:
-            nodes.append(node)
+    nodes = _rewrite_placeholders(graph, rewriter)
     missing = {t.name for t in tensors} - {entry["name"] for entry in rewriter.report}
     if missing:  # an exporter that does not keep the placeholders would drop the quantizers
         raise ArchnetError(
@@ -215,6 +261,11 @@ def export_qdq(
         exported = version_converter.convert_version(exported, INT4_OPSET)
         del exported.graph.value_info[:]
     onnx.checker.check_model(exported)
+    if rewriter.four_bit and not _optimizable(exported):
+        # onnxruntime's QDQ propagation can fail on a whole graph whose 4-bit patterns each
+        # pass the probe (an 8-bit Q moved across a Reshape in an opset-21 model): 8-bit
+        # containers then, as the report's storage says
+        return export_qdq(model, input_shape, path, False, exporter, args=args, names=names)
     helper.set_model_props(exported, {REPORT_KEY: json.dumps(rewriter.report)})
     stamp_exporter(exported, tag)
     if path is not None:
@@ -222,6 +273,15 @@ def export_qdq(
         path.parent.mkdir(parents=True, exist_ok=True)
         onnx.save_model(exported, str(path))
     return exported
+
+
+def _optimizable(proto: onnx.ModelProto) -> bool:
+    """Whether onnxruntime builds a fully optimised session for ``proto``."""
+    try:
+        ort_session(proto)
+    except Exception:  # noqa: BLE001 - any refusal means: not this graph
+        return False
+    return True
 
 
 def qdq_report(model_proto: onnx.ModelProto) -> list[dict]:

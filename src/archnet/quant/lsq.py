@@ -18,8 +18,9 @@ __all__ = ["MIN_STEP", "QUANTIZER_VERSION", "LSQQuantizer", "float_mode", "quant
 
 MIN_BITS, MAX_BITS = 2, 8
 # Changes whenever a quantizer given the same data learns something else, so checkpoints
-# trained by an older one are retrained rather than reused (2: zero points for one-sided inputs).
-QUANTIZER_VERSION = 2
+# trained by an older one are retrained rather than reused (2: zero points for one-sided inputs;
+# 3: each tensor quantized once where produced, the integer points).
+QUANTIZER_VERSION = 3
 # Floor on the step so a step driven towards zero by the optimiser cannot divide by zero.
 MIN_STEP = 1e-8
 

@@ -28,7 +28,12 @@ from torch import nn
 
 from archnet.errors import ArchnetError
 from archnet.onnx_utils import INPUT_NAME, stamp_exporter
-from archnet.quant.export import _attr, _quantized_tensors, _Tensor, export_rewritten
+from archnet.quant.export import (
+    PlaceholderRewriter,
+    _attr,
+    _quantized_tensors,
+    export_rewritten,
+)
 from archnet.quant.lsq import MIN_STEP
 
 __all__ = ["QONNX_DOMAIN", "bit_operations", "export_qonnx", "qonnx_outputs", "write_qonnx"]
@@ -43,13 +48,8 @@ def _qonnx():
         raise ArchnetError("QONNX needs the qonnx package: pip install 'archnet[qonnx]'") from None
 
 
-class _QuantRewriter:
+class _QuantRewriter(PlaceholderRewriter):
     """Replaces each quantizer placeholder with a QONNX ``Quant`` node."""
-
-    def __init__(self, tensors: list[_Tensor]) -> None:
-        self.tensors = tensors
-        self.report: list[dict] = []
-        self.new_init: list[onnx.TensorProto] = []
 
     def _const(self, name: str, value: np.ndarray) -> str:
         self.new_init.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
@@ -59,7 +59,7 @@ class _QuantRewriter:
         index = _attr(node, "id")
         entry = self.tensors[index]
         quant = entry.quantizer
-        prefix = f"quant{index}"
+        prefix = self.prefix("quant", index)
         step = quant.step.detach().float().clamp_min(MIN_STEP).cpu().numpy().reshape(-1)
         if entry.weight is not None:
             w = entry.weight.detach().float().cpu().numpy()

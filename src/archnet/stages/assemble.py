@@ -101,7 +101,9 @@ def build_student(
     if common.mode(store) == "archnet" and cap:
         # candidates were trained unsplit; the split is exact, so it is applied once, here
         split_wide_layers(student, cap)
-    common.quantize_outside(store, student, common.task(store).inputs(store, "train")[:256])
+    student = common.quantize_outside(
+        store, student, common.task(store).inputs(store, "train")[:256]
+    )
     swapped = [
         spec.name
         for spec, name in zip(common.specs(store), names)

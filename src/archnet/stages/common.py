@@ -91,7 +91,8 @@ def bit_options(store: RunStore) -> list[Bits | None]:
 
 
 def quantize_outside(store: RunStore, model: nn.Module, calibration: torch.Tensor) -> nn.Module:
-    """Fold and quantize the layers a quantized student has outside its blocks (in place).
+    """Fold and quantize the layers a quantized student has outside its blocks; returns the
+    model to use (traced when requantization points were added).
 
     The first and last layers get ``first_last`` (8 bits by default: few weights, most
     sensitive); the rest of the stem and head the widest of the block choices' bits.
@@ -101,7 +102,9 @@ def quantize_outside(store: RunStore, model: nn.Module, calibration: torch.Tenso
         return model
     first_last = None if store.config.first_last == "same" else parse_bits(store.config.first_last)
     widest = max(options, key=lambda b: (b[0] + b[1], b))
-    return prepare_qat(model, QuantConfig(widest[0], widest[1], first_last), calibration)
+    cfg = QuantConfig(widest[0], widest[1], first_last)
+    blocks = tuple(s.name for s in specs(store))
+    return prepare_qat(model, cfg, calibration, keep=blocks)
 
 
 def shell(store: RunStore) -> tuple[nn.Module, list[list[str]]]:
