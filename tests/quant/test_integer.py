@@ -169,3 +169,34 @@ def test_the_float_twin_drops_every_point():
     assert not any(isinstance(m, LSQQuantizer) for m in twin.modules())
     x = _calibration()[:4]
     torch.testing.assert_close(twin(x), float_net(x), atol=1e-5, rtol=1e-4)  # BN folded
+
+
+class _InPlaceSiLU(nn.Module):
+    """conv, an in-place SiLU, conv: the SiLU keeps the tensor's identity, not its grid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(inplace=True)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(self.act(self.conv1(x)))
+
+
+def test_silu_runs_as_integer_sigmoid_and_product(tmp_path):
+    torch.manual_seed(0)
+    cfg = QuantConfig(8, 8, None)
+    model = prepare_qat(_InPlaceSiLU().eval(), cfg, _calibration(), quantize_output=True)
+    ops = _optimized_ops(export_qdq(model.eval(), SHAPE), tmp_path)
+    # the SiLU as x * sigmoid(x), each requantized: every op an integer kernel
+    assert ops["QLinearConv"] == 2 and ops["QLinearSigmoid"] == 1 and ops["QLinearMul"] == 1
+    assert not {"Conv", "Mul", "Sigmoid"} & set(ops), ops
+
+
+def test_share_quantizers_skips_a_tensor_changed_in_place():
+    q1, q2 = LSQQuantizer(8), LSQQuantizer(8)
+    model = nn.Sequential(q1, nn.SiLU(inplace=True), q2)
+    x = torch.randn(4, 8)
+    model(x)  # steps set
+    assert share_quantizers(model, x) == 0  # the SiLU changed q1's output in place
+    assert share_quantizers(nn.Sequential(q1, q2), x) == 1

@@ -46,9 +46,9 @@ def test_qonnx_computes_what_pytorch_computes(bits):
     model = _quantized(bits)
     proto = export_qonnx(model, SHAPE)
     quants = [n for n in proto.graph.node if n.op_type == "Quant"]
-    # three weights; the input; each conv's output (after its ReLU); the SiLU's output, read
-    # by the second conv; the pool's output, and its grid again after the flatten
-    assert len(quants) == 9
+    # three weights; the input; each conv's output (after its ReLU); the SiLU's sigmoid and
+    # product (x * sigmoid(x)); the pool's output, and its grid again after the flatten
+    assert len(quants) == 10
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     widths = {int(inits[n.input[3]]) for n in quants}
     assert widths == set(bits)
@@ -76,6 +76,6 @@ def test_write_qonnx_checks_against_pytorch(tmp_path):
     x = torch.randn(3, *SHAPE[1:])
     found = write_qonnx(_quantized((4, 4)), SHAPE, tmp_path / "s.qonnx.onnx", x)
     assert (tmp_path / "s.qonnx.onnx").is_file()
-    assert found["quant_nodes"] == 9 and found["max_abs_diff"] <= found["output_step"]
+    assert found["quant_nodes"] == 10 and found["max_abs_diff"] <= found["output_step"]
     with pytest.raises(ArchnetError, match="quantized model"):
         export_qonnx(_net(), SHAPE)

@@ -101,10 +101,13 @@ class _Rewriter(PlaceholderRewriter):
         self.four_bit = False  # whether any tensor is stored in 4 bits (needs opset 21)
 
     def _storage(self, entry: _Tensor) -> Storage:
+        """Weights signed; activations in 8-bit containers unsigned, a signed grid shifted by
+        its zero point (the same values): onnxruntime fuses a convolution into an integer
+        kernel only when its input and output share one type."""
         quant = entry.quantizer
         four = self.use_int4 and quant.bits <= 4 and int4_supported(_pattern(entry))
         self.four_bit |= four
-        return storage_for(quant.signed, four)
+        return storage_for(quant.signed and (four or entry.weight is not None), four)
 
     def rewrite(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
         index = _attr(node, "id")

@@ -45,8 +45,18 @@ _RELU_FUNCTIONS = {F.relu, torch.relu, F.relu6}
 # average pooling (a ``mean`` is one only over the spatial axes, checked below).
 _BINARY = {operator.add, operator.iadd, operator.sub, operator.mul, torch.add, torch.sub, torch.mul}
 _BINARY_METHODS = {"add", "add_", "sub", "mul"}
-_POOL_FUNCTIONS = {F.avg_pool2d, F.adaptive_avg_pool2d, torch.cat, torch.concat}
-_POOL_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+# average pools, concat, and the sigmoid (a gate, or half of a SiLU: integer kernels and chips
+# run it as a table on the integer grid)
+_POOL_FUNCTIONS = {
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    torch.cat,
+    torch.concat,
+    torch.sigmoid,
+    F.sigmoid,
+}
+_POOL_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Sigmoid)
+_SILU = (nn.SiLU,)
 # Ops that keep a tensor on its grid: its values stay grid points of the same step.
 _GRID_KEEPING_MODULES = (nn.MaxPool2d, nn.Identity, nn.Flatten, nn.Dropout, *_RELU_MODULES)
 _GRID_KEEPING_FUNCTIONS = {F.max_pool2d, torch.flatten, *_RELU_FUNCTIONS}
@@ -196,7 +206,27 @@ class _Pass:
         self.gm.add_submodule(name, RequantPoint(bits, signed=True, infer_sign=True))
         self.insert(node, name)
 
+    def expand_silu(self) -> None:
+        """``silu(x)`` as ``x * sigmoid(x)``, so the sigmoid and the product are each
+        requantized (onnxruntime: QLinearSigmoid and QLinearMul, not float)."""
+        graph = self.gm.graph
+        for node in list(graph.nodes):
+            silu = isinstance(_module(self.gm, node), _SILU) or (
+                node.op == "call_function" and node.target is F.silu
+            )
+            if not silu:
+                continue
+            x = node.args[0]
+            with graph.inserting_after(node):
+                gate = graph.call_function(torch.sigmoid, (x,))
+            with graph.inserting_after(gate):
+                out = graph.call_function(operator.mul, (x, gate))
+            gate.meta, out.meta = dict(node.meta), dict(node.meta)
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+
     def run(self) -> None:
+        self.expand_silu()
         graph = self.gm.graph
         for node in list(graph.nodes):
             if node.op == "placeholder" and _is_tensor(node):
@@ -277,15 +307,17 @@ def _by_child(model: nn.Module, example: torch.Tensor, bits: int, leaf) -> nn.Mo
 def share_quantizers(model: nn.Module, example: torch.Tensor) -> int:
     """Replace each activation quantizer whose input is another quantizer's output at the same
     width by that quantizer (one forward over ``example`` tells which). Returns how many."""
-    made: dict[int, LSQQuantizer] = {}
+    # a quantizer's output by id and version (an in-place op after it keeps the id, not the
+    # values); outputs stay alive, so ids stay unique during the forward
+    made: dict[tuple[int, int], LSQQuantizer] = {}
     replace: dict[int, LSQQuantizer] = {}
-    keep: list[torch.Tensor] = []  # outputs stay alive, so ids stay unique during the forward
+    keep: list[torch.Tensor] = []
 
     def hook(q: LSQQuantizer, args, out) -> None:
-        src = made.get(id(args[0]))
+        src = made.get((id(args[0]), args[0]._version))
         if src is not None and src is not q and src.bits == q.bits and id(q) not in replace:
             replace[id(q)] = src
-        made[id(out)] = q
+        made[id(out), out._version] = q
         keep.append(out)
 
     quantizers = {id(m): m for m in model.modules() if isinstance(m, LSQQuantizer)}
