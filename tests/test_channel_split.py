@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
+from archnet.channelsplit import ChannelSplit, split_wide_layers
 from archnet.onnx_utils import export_onnx
-from archnet.opconvert import ChannelSplit, split_wide_layers
 from archnet.targets import Rules, check_model, load_target
 
 

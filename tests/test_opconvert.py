@@ -13,9 +13,9 @@ from torch import nn
 
 from archnet.blocks import find_blocks
 from archnet.candidates import build_candidate
+from archnet.convstack import ConvStack
 from archnet.onnx_utils import check_against_torch, export_onnx
 from archnet.opconvert import (
-    ConvStack,
     convert_module,
     convert_modules,
     get_converter,

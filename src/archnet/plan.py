@@ -68,8 +68,9 @@ def convert_shell(
     converted to ``target``'s operators in Arch-Net mode (as-is in HANT mode). With
     ``input_shape``, shape-dependent exact rewrites run first and the functional glue of
     every module outside the blocks is legalized last (:mod:`archnet.glue`)."""
+    from archnet.channelsplit import split_wide_layers
     from archnet.glue import legalize_glue, legalize_layers
-    from archnet.opconvert import convert_modules, split_wide_layers
+    from archnet.opconvert import convert_modules
 
     net = copy.deepcopy(teacher)
     if mode != "archnet":

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from archnet.channelsplit import split_wide_layers
 from archnet.choices import parse_choice
 from archnet.distill.blockwise import load_candidate
 from archnet.distill.finetune import assemble
 from archnet.flops import count_macs, count_params
-from archnet.opconvert import split_wide_layers
 from archnet.quant import model_size_bits
 from archnet.results import AssembleResult, SearchOutcome
 from archnet.stages import common

@@ -8,10 +8,10 @@ from torch import nn
 
 from archnet.blocks import BlockSpec
 from archnet.candidates import build_pool
+from archnet.channelsplit import split_wide_layers
 from archnet.choices import Bits, choice_name, quantize_from
 from archnet.errors import ArchnetError
 from archnet.flops import count_macs, count_params
-from archnet.opconvert import split_wide_layers
 from archnet.quant import QuantModule, is_quantized, model_size_bits
 from archnet.results import PoolResult
 from archnet.stages import common
