@@ -168,6 +168,21 @@ def test_resume_with_a_changed_search_option_says_what_reruns(capsys, finished_r
     assert "budget 1.3" in out
 
 
+def test_resume_with_a_config_file_applies_what_it_names(capsys, finished_run, tmp_path):
+    from archnet.store import open_store
+
+    copy = _copy(finished_run, tmp_path)
+    before = open_store(copy).config
+    (tmp_path / "more.toml").write_text('budget = "1.3"\n')
+    code, out, err = run_cli(
+        capsys, "convert", "--resume", "--out", str(copy), "--config", str(tmp_path / "more.toml")
+    )
+    assert code == 0, err
+    assert "budget (stored '0.7', now '1.3')" in err and "stages from search on run again" in err
+    after = open_store(copy).config
+    assert after.budget == "1.3" and after.to_dict() == {**before.to_dict(), "budget": "1.3"}
+
+
 def test_resume_with_a_changed_seed_is_refused(capsys, finished_run, tmp_path):
     copy = _copy(finished_run, tmp_path)
     code, _, err = run_cli(capsys, "convert", "--resume", "--out", str(copy), "--seed", "5")

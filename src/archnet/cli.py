@@ -86,7 +86,7 @@ def _apply_options(cfg, a: argparse.Namespace) -> None:
 @command("convert")
 def _convert(a: argparse.Namespace) -> int:
     from archnet.api import is_run, start
-    from archnet.config import ConvertConfig
+    from archnet.config import ConvertConfig, merge_settings, read_toml
     from archnet.models import load_model
     from archnet.store import open_store
 
@@ -99,6 +99,9 @@ def _convert(a: argparse.Namespace) -> int:
         raise ArchnetError("convert needs --model and --data (or --resume with an existing --out)")
     if resuming:
         cfg = open_store(a.out).config
+        if a.config:  # the file's settings replace the stored ones; the run redoes what they touch
+            merged = merge_settings(cfg.to_dict(), read_toml(a.config))
+            cfg = ConvertConfig.from_dict(merged, a.config)
     else:
         cfg = ConvertConfig.load(a.config) if a.config else ConvertConfig()
     if a.model:

@@ -207,6 +207,16 @@ class ConvertConfig:
         return cls.from_dict(read_toml(path), str(path))
 
 
+def merge_settings(stored: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``stored`` with every setting ``given`` names replaced, table by table: a resumed run's
+    ``--config`` file changes what it says and keeps the rest."""
+    out = dict(stored)
+    for key, value in given.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_settings(out[key], value) if both else value
+    return out
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     """A config file's settings; one line naming the file when it is missing or not TOML."""
     path = Path(path)

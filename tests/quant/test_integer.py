@@ -152,10 +152,10 @@ def test_blocks_quantized_apart_share_their_boundary_grid():
     model = nn.Sequential(first, second)
     out = first(x)
     assert share_quantizers(model, x) == 1
-    # the second block reads the first one's output through the first one's quantizer
+    # the second block reads the first one's output as it is, on the first one's grid
     entry = second.get_submodule("requant_0")
-    assert entry is [m for m in first.modules() if isinstance(m, LSQQuantizer)][-1]
-    assert torch.equal(entry(out), out)  # the identity on values already on its grid
+    assert isinstance(entry, OnGrid) and torch.equal(entry(out), out)
+    assert entry.grid is [m for m in first.modules() if isinstance(m, LSQQuantizer)][-1]
     # every layer reading a grid reads a quantizer the model holds (steps train, export sees it)
     held = {id(m) for m in model.modules()}
     assert all(id(m.grid) in held for m in model.modules() if isinstance(m, OnGrid))

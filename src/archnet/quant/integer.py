@@ -305,8 +305,11 @@ def _by_child(model: nn.Module, example: torch.Tensor, bits: int, leaf) -> nn.Mo
 
 @torch.no_grad()
 def share_quantizers(model: nn.Module, example: torch.Tensor) -> int:
-    """Replace each activation quantizer whose input is another quantizer's output at the same
-    width by that quantizer (one forward over ``example`` tells which). Returns how many."""
+    """Make each activation quantizer whose input is another quantizer's output at the same
+    width an ``OnGrid`` of that quantizer (one forward over ``example`` tells which): one
+    Q/DQ pair per block boundary. Not the quantizer itself: a traced module names each call
+    by the module's first path, and a call into another block breaks when that block is
+    swapped or stubbed. Returns how many."""
     # a quantizer's output by id and version (an in-place op after it keeps the id, not the
     # values); outputs stay alive, so ids stay unique during the forward
     made: dict[tuple[int, int], LSQQuantizer] = {}
@@ -343,7 +346,6 @@ def share_quantizers(model: nn.Module, example: torch.Tensor) -> int:
             object.__setattr__(module, "grid", root(module.grid))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if id(child) in replace:  # a layer's own quantizer: its input arrives quantized
-                grid = root(child)
-                setattr(parent, name, OnGrid(grid) if isinstance(parent, QuantModule) else grid)
+            if id(child) in replace:  # its input arrives quantized: it becomes the identity
+                setattr(parent, name, OnGrid(root(child)))
     return len(replace)

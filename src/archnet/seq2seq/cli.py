@@ -24,7 +24,7 @@ def _parse_budget(text: str | None) -> float | None:
 
 def convert(a: argparse.Namespace, log=print) -> int:
     """``archnet convert --task translation``: the options that apply to translation."""
-    from archnet.config import read_toml
+    from archnet.config import merge_settings, read_toml
     from archnet.seq2seq.config import TranslationConfig
     from archnet.seq2seq.pipeline import CONFIG, convert_translation
     from archnet.store import read_json
@@ -33,9 +33,7 @@ def convert(a: argparse.Namespace, log=print) -> int:
     if a.resume and (root / CONFIG).is_file():
         stored = read_json(root / CONFIG)
         if a.config:  # the file's settings replace the stored ones (and the run says what changed)
-            extra = read_toml(a.config)
-            distill = {**stored.get("distill", {}), **extra.pop("distill", {})}
-            stored = {**stored, **extra, "distill": distill}
+            stored = merge_settings(stored, read_toml(a.config))
         cfg = TranslationConfig.from_dict(stored, a.config or str(root / CONFIG))
     elif not a.model or not a.data:
         raise ArchnetError(
