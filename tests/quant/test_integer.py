@@ -160,6 +160,8 @@ def test_blocks_quantized_apart_share_their_boundary_grid():
     held = {id(m) for m in model.modules()}
     assert all(id(m.grid) in held for m in model.modules() if isinstance(m, OnGrid))
     assert export_qdq(model.eval(), (1, 8, 8, 8), exporter="torchscript/opset17")
+    model[0] = nn.Identity()  # the first block stubbed, as the latency model times the rest
+    assert export_qdq(model.eval(), (1, 8, 8, 8), exporter="torchscript/opset17")
 
 
 def test_the_float_twin_drops_every_point():
@@ -200,3 +202,26 @@ def test_share_quantizers_skips_a_tensor_changed_in_place():
     model(x)  # steps set
     assert share_quantizers(model, x) == 0  # the SiLU changed q1's output in place
     assert share_quantizers(nn.Sequential(q1, q2), x) == 1
+
+
+class _Scaled(nn.Module):
+    """A conv times a learned per-channel scale (a parameter, not an activation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return self.conv(x) * self.scale
+
+
+def test_a_parameter_operand_is_not_quantized_as_an_activation():
+    torch.manual_seed(0)
+    model = prepare_qat(_Scaled().eval(), QuantConfig(8, 8, None), _calibration())
+    readers = {n.args[0].op for n in model.graph.nodes if isinstance(_of(model, n), RequantPoint)}
+    assert "get_attr" not in readers
+
+
+def _of(model, node):
+    return model.get_submodule(node.target) if node.op == "call_module" else None

@@ -80,7 +80,9 @@ class OnGrid(nn.Module):
         return x
 
     def __getattr__(self, name: str):
-        if name in ("step", "enabled", "initialized", "bits", "signed", "zero_point_value"):
+        if name == "step":  # for the bias grid, which takes no gradient from it; detached, it
+            return self.__dict__["grid"].step.data  # exports where its grid is cut away
+        if name in ("enabled", "initialized", "bits", "signed", "zero_point_value"):
             return getattr(self.__dict__["grid"], name)
         return super().__getattr__(name)
 
@@ -118,9 +120,10 @@ def _passes_through(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _tensors(node: fx.Node) -> list[fx.Node]:
-    """The tensor inputs of ``node`` (a concat's list flattened)."""
+    """The computed tensor inputs of ``node`` (a concat's list flattened): not parameters or
+    buffers, which are constants to a runtime (a scale, a bias), not activations."""
     args = node.args[0] if node.target in (torch.cat, torch.concat) else node.args
-    return [a for a in args if isinstance(a, fx.Node) and _is_tensor(a)]
+    return [a for a in args if isinstance(a, fx.Node) and a.op != "get_attr" and _is_tensor(a)]
 
 
 def _is_tensor(node: fx.Node) -> bool:
