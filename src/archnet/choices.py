@@ -39,21 +39,27 @@ def build_choice(
     spec: BlockSpec,
     teacher_block: nn.Module | None,
     calibration: torch.Tensor | None = None,
+    requantize: bool = True,
 ) -> nn.Module:
     """A fresh module for a choice: the candidate, quantized when the choice has bits.
 
     ``calibration`` initialises a quantized choice's steps; without it, random inputs do,
-    which is enough for timing or before loading a checkpoint.
+    which is enough for timing or before loading a checkpoint. ``requantize``: the target's
+    quantization points (``Target.requantize``).
     """
     candidate, bits = parse_choice(name)
     module = build_candidate(candidate, spec, teacher_block)
     if bits is None:
         return module
-    return quantize_from(module, bits, spec, calibration)
+    return quantize_from(module, bits, spec, calibration, requantize)
 
 
 def quantize_from(
-    module: nn.Module, bits: Bits, spec: BlockSpec, calibration: torch.Tensor | None = None
+    module: nn.Module,
+    bits: Bits,
+    spec: BlockSpec,
+    calibration: torch.Tensor | None = None,
+    requantize: bool = True,
 ) -> nn.Module:
     """Fold and quantize a (trained) float block at ``bits`` and initialise its steps.
 
@@ -63,5 +69,5 @@ def quantize_from(
     """
     if calibration is None:
         calibration = torch.randn(2, *spec.in_shape)
-    cfg = QuantConfig(bits[0], bits[1], first_last=None)
+    cfg = QuantConfig(bits[0], bits[1], first_last=None, requantize=requantize)
     return prepare_qat(module, cfg, calibration, quantize_output=True)

@@ -71,12 +71,14 @@ def block_latency_table(
     on_done: Callable[[], None] = lambda: None,
     shell: nn.Module | None = None,
     quantize_outside: Callable[[nn.Module, torch.Tensor], nn.Module] | None = None,
+    requantize: bool = True,
 ) -> dict[str, Any]:
     """Measure every pooled choice, the outside parts and the whole teacher, all cached.
 
     ``shell`` is the network the student's blocks will sit in when it differs from the teacher
     (Arch-Net mode converts the stem and head); its outside parts are the search's offset,
-    while the teacher's own outside parts stay the reference. ``quantize_outside`` quantizes
+    while the teacher's own outside parts stay the reference. ``requantize``: the target's
+    quantization points for quantized choices. ``quantize_outside`` quantizes
     those parts as a quantized student will have them. The outside parts and the teacher are
     one interleaved group with its own floor, like a block's candidates; being whole networks
     they keep that floor (``measured_ms``), while block times are above their floors.
@@ -99,7 +101,8 @@ def block_latency_table(
         # the teacher's block is always timed: it is the reference even where not allowed
         block = teacher.get_submodule(spec.name)
         pool = {
-            name: build_choice(name, spec, block) for name in dict.fromkeys(["teacher", *wanted])
+            name: build_choice(name, spec, block, requantize=requantize)
+            for name in dict.fromkeys(["teacher", *wanted])
         }
         timed = _timed(pool, contexts.get(spec.name))
         group = measure_cached_group(backend, cache, timed, shape, cfg.rounds, **kw)

@@ -227,7 +227,8 @@ def _int8(target: Target, specs: list[BlockSpec]) -> Quantize | None:
     from archnet.quant import QuantConfig, prepare_qat
 
     keep = tuple(s.name for s in specs)
-    return lambda m, x: prepare_qat(m, QuantConfig(8, 8, (8, 8)), x, keep=keep)
+    cfg = QuantConfig(8, 8, (8, 8), requantize=target.requantize)
+    return lambda m, x: prepare_qat(m, cfg, x, keep=keep)
 
 
 def preflight(

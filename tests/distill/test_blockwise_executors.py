@@ -133,3 +133,15 @@ def test_changed_setting_retrains_exactly_the_affected_jobs(teacher_and_cache, t
     work, needed = plan_jobs(jobs, dataclasses.replace(CFG, quant_epochs=9), 7)
     after = {w.payload.name: w.after for w in work}
     assert after["teacher@w8a8"] is None and after["mbconv_k3_e3_relu@w4a4"] in needed
+
+
+def test_a_quantized_job_is_keyed_by_its_quantization_points():
+    from archnet.blocks import BlockSpec
+    from archnet.distill.blockwise import BlockwiseConfig, CandidateJob
+
+    spec = BlockSpec("b", (8, 4, 4), (8, 4, 4))
+    jobs = [CandidateJob(0, spec, name, Path("x.pt")) for name in ("c", "c@w8a8")]
+    inputs = [dataclasses.replace(j, requantize=False) for j in jobs]
+    cfg = BlockwiseConfig()
+    assert jobs[0].key(cfg, 0) == inputs[0].key(cfg, 0)  # a float job has no points
+    assert jobs[1].key(cfg, 0) != inputs[1].key(cfg, 0)

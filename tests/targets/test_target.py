@@ -178,6 +178,7 @@ MALFORMED = {
         "rules.quantized_only must be true or false",
     ),
     "quantized_only int": (GOOD + "quantized_only = 1\n", "rules.quantized_only"),
+    "quant points": (GOOD + '[quant]\npoints = "outputs"\n', "quant.points must be one of"),
 }
 
 
@@ -260,3 +261,13 @@ def test_quantized_only_round_trips(tmp_path: Path, value: bool) -> None:
     assert target.to_dict().get("rules") == ({"quantized_only": True} if value else None)
     again = load_target(write(tmp_path, tomli_w.dumps(target.to_dict()), "again.toml"))
     assert again.rules == target.rules
+
+
+def test_quantization_points_are_the_targets_and_round_trip(tmp_path: Path) -> None:
+    assert load_target("cpu-ort").requantize  # onnxruntime fuses integer kernels with them
+    openvino = load_target("openvino-cpu")
+    assert not openvino.requantize and openvino.quant_points == "inputs"
+    path = tmp_path / "ov.toml"
+    path.write_text(tomli_w.dumps(openvino.to_dict()))
+    assert load_target(path).quant_points == "inputs"
+    assert "quant" not in load_target("cpu-ort").to_dict()  # the default is left out

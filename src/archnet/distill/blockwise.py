@@ -83,6 +83,7 @@ class CandidateJob:
     name: str
     path: Path
     fingerprint: str = ""
+    requantize: bool = True  # the target's quantization points (Target.requantize)
 
     @property
     def candidate(self) -> str:
@@ -112,7 +113,7 @@ class CandidateJob:
         if self.bits is None:
             return key
         quant = (cfg.quant_epochs, cfg.quant_lr, cfg.batch_size, cfg.max_samples)
-        quant += (QUANTIZER_VERSION,)
+        quant += (QUANTIZER_VERSION,) + (() if self.requantize else ("inputs",))
         return _digest(key, self.name, quant, self.seed(base_seed))
 
     def done(self, cfg: BlockwiseConfig, base_seed: int) -> bool:
@@ -330,7 +331,7 @@ def _quantized_start(
             raise ArchnetError(f"{job.spec.name}/{job.name} needs its trained float candidate")
         module.load_state_dict(float_state)
     calibration = _tensor(x, np.arange(min(len(x), 256)))
-    return quantize_from(module, job.bits, job.spec, calibration)
+    return quantize_from(module, job.bits, job.spec, calibration, job.requantize)
 
 
 def plan_jobs(
@@ -407,6 +408,6 @@ def load_candidate(
 ) -> tuple[nn.Module, dict]:
     """Rebuild a trained candidate from its checkpoint (``ckpt``, read already, or its file)."""
     ckpt = trained_checkpoint(job) if ckpt is None else ckpt
-    module = build_choice(job.name, job.spec, teacher_block)
+    module = build_choice(job.name, job.spec, teacher_block, requantize=job.requantize)
     module.load_state_dict(ckpt["state_dict"])
     return module.eval(), ckpt["metrics"]

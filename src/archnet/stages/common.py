@@ -102,7 +102,7 @@ def quantize_outside(store: RunStore, model: nn.Module, calibration: torch.Tenso
         return model
     first_last = None if store.config.first_last == "same" else parse_bits(store.config.first_last)
     widest = max(options, key=lambda b: (b[0] + b[1], b))
-    cfg = QuantConfig(widest[0], widest[1], first_last)
+    cfg = QuantConfig(widest[0], widest[1], first_last, requantize=target(store).requantize)
     blocks = tuple(s.name for s in specs(store))
     return prepare_qat(model, cfg, calibration, keep=blocks)
 
@@ -122,13 +122,20 @@ def jobs(store: RunStore, pools: PoolResult, choices_only: bool = False) -> list
     """Training jobs: every float candidate (quantized choices start from them) and every
     choice of the search; ``choices_only`` keeps just the choices."""
     out = []
+    requantize = target(store).requantize
     for i, spec in enumerate(specs(store)):
         pool = pools.pools[spec.name]
         names = (
             pool["choices"] if choices_only else dict.fromkeys(pool["candidates"] + pool["choices"])
         )
         out += [
-            CandidateJob(i, spec, name, store.path(f"candidates/{i:03d}_{spec.name}/{name}.pt"))
+            CandidateJob(
+                i,
+                spec,
+                name,
+                store.path(f"candidates/{i:03d}_{spec.name}/{name}.pt"),
+                requantize=requantize,
+            )
             for name in names
         ]
     return out

@@ -58,6 +58,7 @@ def run(store: RunStore) -> LatencyTable:
             quantize_outside=(lambda m, x: common.quantize_outside(store, m, x))
             if quantized
             else None,
+            requantize=common.target(store).requantize,
         )
     return LatencyTable.from_json(table)
 

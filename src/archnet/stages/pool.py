@@ -52,7 +52,7 @@ def run(store: RunStore) -> PoolResult:
                 split_wide_layers(module, max_channels)
             macs = count_macs(module, spec.in_shape)
             # a quantized student is checked as it will run: as its QDQ graph
-            sizes, checked = _choice_sizes(module, options, spec)
+            sizes, checked = _choice_sizes(module, options, spec, target.requantize)
             reason = rejects(target, checked, (1, *spec.in_shape))
             if not reason and cap and name != "teacher" and macs > cap * teacher_macs:
                 reason = f"{macs / teacher_macs:.1f}x the teacher block's MACs (cap {cap})"
@@ -79,13 +79,13 @@ def run(store: RunStore) -> PoolResult:
 
 
 def _choice_sizes(
-    module: nn.Module, options: list[Bits | None], spec: BlockSpec
+    module: nn.Module, options: list[Bits | None], spec: BlockSpec, requantize: bool
 ) -> tuple[dict[Bits | None, int], nn.Module]:
     """Size in bits of ``module`` at each bit option, and the module to check on the target:
     the float module, or its quantized version in a quantized run."""
     if options == [None]:
         return {None: model_size_bits(module)}, module
-    quantized = quantize_from(copy.deepcopy(module), options[0], spec)
+    quantized = quantize_from(copy.deepcopy(module), options[0], spec, requantize=requantize)
     weights = sum(m.weight.numel() for m in quantized.modules() if isinstance(m, QuantModule))
     rest = model_size_bits(quantized) - weights * options[0][0]
     if not is_quantized(quantized):

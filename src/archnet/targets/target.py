@@ -83,7 +83,15 @@ class Target:
     allowed_ops: frozenset[str] | None = None
     rules: Rules = field(default_factory=Rules)
     cost: tuple[tuple[str, float], ...] = ()  # a cost model's [cost] settings, sorted
+    # where a quantized student is quantized: "integer" (each tensor once where an integer
+    # chip requantizes it, archnet.quant.integer) or "inputs" (layer inputs alone), whichever
+    # the runtime turns into faster kernels
+    quant_points: str = "integer"
     source: str = BUILTIN
+
+    @property
+    def requantize(self) -> bool:
+        return self.quant_points == "integer"
 
     @property
     def estimated(self) -> bool:
@@ -119,6 +127,8 @@ class Target:
             data["rules"] = self.rules.to_dict()
         if self.cost:
             data["cost"] = dict(self.cost)
+        if not self.requantize:
+            data["quant"] = {"points": self.quant_points}
         return data
 
     @classmethod
@@ -280,9 +290,11 @@ _KINDS: dict[str, _Kind] = {
     ),
     "rules": _Kind(_is_table, lambda: "a table", _to_rules, _check_rules),
     "cost": _Kind(_is_cost, lambda: "a table of positive numbers", _to_cost, _check_cost),
+    "points": _Kind(lambda v: v in QUANT_POINTS, lambda: f"one of {', '.join(QUANT_POINTS)}"),
 }
 
 _REQUIRED = object()
+QUANT_POINTS = ("integer", "inputs")
 
 
 @dataclass(frozen=True)
@@ -303,6 +315,7 @@ _FIELDS = (
     _Field("ops.allowed", "allowed_ops", "ops", ALL_OPS),
     _Field("rules", "rules", "rules", {}),
     _Field("cost", "cost", "cost", {}),
+    _Field("quant.points", "quant_points", "points", "integer"),
 )
 
 # Keys accepted but not turned into fields ("source" is written by to_dict for provenance).
