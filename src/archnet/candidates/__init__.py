@@ -3,7 +3,7 @@
 Importing this package registers every built-in family.
 """
 
-from . import archnet, dwsep, fused, mbconv, resnet, skip, transformer  # noqa: F401  (registers on import)
+from . import archnet, dwsep, fused, kept, mbconv, resnet, skip, transformer  # noqa: F401  (registers on import)
 from ._registry import (
     TEACHER,
     Builder,

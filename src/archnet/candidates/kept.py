@@ -1,0 +1,42 @@
+"""``archnet_teacher``: the teacher's own block on a restricted target's operators.
+
+Arch-Net mode cannot keep a teacher block as it is when it holds what the target does not run
+(a residual Add, a 1x1 downsample, a channel split, a SiLU). This candidate is that block
+converted exactly as the student's shell is: shape-dependent exact rewrites, every layer
+converted by ``opconvert``, then its functional glue legalized by ``archnet.glue`` (an Add as
+one 3x3 conv over a concat, ...). Where those rewrites are exact it starts as the teacher's
+block; where they are not (activations, norms) blockwise distillation trains it back. The
+target check still decides: a block whose glue has no rewrite (an SE gate's product) is
+refused like any candidate.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from archnet.blocks import BlockSpec
+
+from ._registry import register_candidate
+
+
+@register_candidate(
+    "archnet_teacher", "archnet", {"archnet", "restricted", "teacher"}, from_teacher=True
+)
+def legalized_teacher(spec: BlockSpec, teacher: nn.Module | None) -> nn.Module | None:
+    if teacher is None or spec.context:
+        return None  # no block to convert; context inputs are not traced here
+    from archnet.glue import legalize_glue, legalize_layers
+    from archnet.opconvert import convert_modules
+
+    block = copy.deepcopy(teacher).eval()
+    ref = next(iter(block.parameters()), None)
+    example = torch.randn(2, *spec.in_shape, generator=torch.Generator().manual_seed(0))
+    if ref is not None:
+        example = example.to(ref.device, ref.dtype)
+    legalize_layers(block, (), example)
+    convert_modules(block)
+    block, _ = legalize_glue(block, (), example)
+    return block
