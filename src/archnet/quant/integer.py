@@ -8,18 +8,18 @@ convolution (and the ReLU fused into it), each residual add, concat and average 
 pass puts LSQ quantizers exactly there, in the training graph, so that what is trained is what
 is exported:
 
-* the output of every quantized layer, add/sub/mul of two tensors, concat and average pool is
-  quantized once, after a ReLU that directly follows it (``DQ -> Conv -> Relu -> Q`` is one
-  ``QLinearConv``), by a new quantizer named ``requant_N``;
+* the output of every quantized layer, add/sub/mul of two tensors, concat, average pool and
+  sigmoid is quantized once, after a ReLU that directly follows it (``DQ -> Conv -> Relu ->
+  Q`` is one ``QLinearConv``), by a new quantizer named ``requant_N``; a SiLU is written
+  ``x * sigmoid(x)`` so that both parts are;
 * a block's input, when a quantized layer reads it, is quantized once for all its readers;
-* every quantized layer whose input is already on a grid of its own bit width reads it as it
-  is: its input quantizer *is* that grid's quantizer (shared, so the bias grid follows it);
-  the QDQ exporter writes one Q/DQ pair per shared quantizer and tensor.
+* a quantized layer whose input is already on a grid of its own bit width reads it as it is:
+  its input quantizer becomes ``OnGrid`` (the identity, with that grid's step for its bias).
 
 ``torch.fx`` finds the points; a module that does not trace is handled child by child. Across
-modules that are not traced together (the student's blocks), ``share_quantizers`` makes a
-quantizer that re-quantizes another's output at the same width that quantizer, from one
-forward.
+modules quantized apart (the student's blocks), ``share_quantizers`` turns a quantizer that
+re-quantizes another's output at the same width into an ``OnGrid`` of it, from one forward:
+one Q/DQ pair per block boundary.
 """
 
 from __future__ import annotations
@@ -41,21 +41,20 @@ __all__ = ["OnGrid", "RequantPoint", "integer_points", "share_quantizers"]
 DONE = "_requantized"
 _RELU_MODULES = (nn.ReLU, nn.ReLU6)
 _RELU_FUNCTIONS = {F.relu, torch.relu, F.relu6}
-# Ops whose output an integer chip requantizes, by FX target: two-tensor arithmetic, concat,
-# average pooling (a ``mean`` is one only over the spatial axes, checked below).
+# Ops whose output an integer chip requantizes, by FX target: two-tensor arithmetic, and (below)
+# concat, average pooling (a ``mean`` only over the spatial axes) and sigmoids
 _BINARY = {operator.add, operator.iadd, operator.sub, operator.mul, torch.add, torch.sub, torch.mul}
 _BINARY_METHODS = {"add", "add_", "sub", "mul"}
-# average pools, concat, and the sigmoid (a gate, or half of a SiLU: integer kernels and chips
-# run it as a table on the integer grid)
-_POOL_FUNCTIONS = {
+_REQUANT_FUNCTIONS = {
     F.avg_pool2d,
     F.adaptive_avg_pool2d,
     torch.cat,
     torch.concat,
+    # a gate, or half of a SiLU: integer kernels and chips run it as a table on the grid
     torch.sigmoid,
     F.sigmoid,
 }
-_POOL_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Sigmoid)
+_REQUANT_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Sigmoid)
 _SILU = (nn.SiLU,)
 # Ops that keep a tensor on its grid: its values stay grid points of the same step.
 _GRID_KEEPING_MODULES = (nn.MaxPool2d, nn.Identity, nn.Flatten, nn.Dropout, *_RELU_MODULES)
@@ -134,9 +133,9 @@ def _is_tensor(node: fx.Node) -> bool:
 def _requantizes(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether an integer chip requantizes ``node``'s output."""
     module = _module(gm, node)
-    if isinstance(module, (QuantModule, *_POOL_MODULES)):
+    if isinstance(module, (QuantModule, *_REQUANT_MODULES)):
         return True
-    if node.op == "call_function" and node.target in _POOL_FUNCTIONS:
+    if node.op == "call_function" and node.target in _REQUANT_FUNCTIONS:
         return True
     if node.op == "call_method" and node.target == "mean":
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
