@@ -19,6 +19,7 @@ from torch import nn
 
 from archnet.blocks import BlockSpec
 
+from ._layers import conv_stride
 from ._registry import register_candidate
 
 
@@ -26,8 +27,11 @@ from ._registry import register_candidate
     "archnet_teacher", "archnet", {"archnet", "restricted", "teacher"}, from_teacher=True
 )
 def legalized_teacher(spec: BlockSpec, teacher: nn.Module | None) -> nn.Module | None:
-    if teacher is None or spec.context:
-        return None  # no block to convert; context inputs are not traced here
+    stride = conv_stride(spec)
+    if teacher is None or spec.context or not isinstance(stride, int) or not stride:
+        # no block to convert; context inputs are not traced here; (h, w) factors that differ
+        # have no 3x3 stride 1 or 2 form, as for the family's other candidates
+        return None
     from archnet.glue import legalize_glue, legalize_layers
     from archnet.opconvert import convert_modules
 
