@@ -7,7 +7,9 @@ converted by ``opconvert``, then its functional glue legalized by ``archnet.glue
 one 3x3 conv over a concat, ...). Where those rewrites are exact it starts as the teacher's
 block; where they are not (activations, norms) blockwise distillation trains it back. The
 target check still decides: a block whose glue has no rewrite (an SE gate's product) is
-refused like any candidate.
+refused like any candidate. Blocks with kernels above 3x3 are left to the other candidates:
+their 3x3 stacks are least-squares fits, slow to build on wide layers and no longer the
+teacher's block.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def legalized_teacher(spec: BlockSpec, teacher: nn.Module | None) -> nn.Module |
         # no block to convert; context inputs are not traced here; (h, w) factors that differ
         # have no 3x3 stride 1 or 2 form, as for the family's other candidates
         return None
+    if any(isinstance(m, nn.Conv2d) and max(m.kernel_size) > 3 for m in teacher.modules()):
+        return None  # 5x5 / 7x7 kernels become fitted 3x3 stacks: costly, and not the teacher
     from archnet.glue import legalize_glue, legalize_layers
     from archnet.opconvert import convert_modules
 
