@@ -69,27 +69,38 @@ def convert_shell(
     ``input_shape``, shape-dependent exact rewrites run first and the functional glue of
     every module outside the blocks is legalized last (:mod:`archnet.glue`)."""
     from archnet.channelsplit import split_wide_layers
-    from archnet.glue import legalize_glue, legalize_layers
-    from archnet.opconvert import convert_modules
 
     net = copy.deepcopy(teacher)
     if mode != "archnet":
         return net, []
     names = [s.name for s in specs]
+    net, rows = restrict(net, names, input_shape)
+    if target.rules.max_channels:
+        rows += split_wide_layers(net, target.rules.max_channels, names)
+    return net, [tuple(r) for r in rows]
+
+
+def restrict(
+    net: nn.Module, skip: list[str], input_shape: tuple[int, ...] | None
+) -> tuple[nn.Module, list]:
+    """``net`` (in place, the root possibly new) on the restricted operators outside the
+    modules named in ``skip``: with ``input_shape``, shape-dependent exact rewrites first, then
+    every layer converted, then the functional glue legalized; (name, was, now) rows."""
+    from archnet.glue import legalize_glue, legalize_layers
+    from archnet.opconvert import convert_modules
+
     example = None
     if input_shape is not None:
         gen = torch.Generator().manual_seed(0)
         example = torch.randn(2, *input_shape[1:], generator=gen)  # batch 2: batch-mixing shows
         ref = next(iter(net.parameters()), None)
         example = example if ref is None else example.to(ref.device, ref.dtype)
-    rows = [] if example is None else legalize_layers(net, names, example)
-    rows += convert_modules(net, names)
+    rows = [] if example is None else legalize_layers(net, skip, example)
+    rows += convert_modules(net, skip)
     if example is not None:
-        net, glue_rows = legalize_glue(net, names, example)
+        net, glue_rows = legalize_glue(net, skip, example)
         rows += glue_rows
-    if target.rules.max_channels:
-        rows += split_wide_layers(net, target.rules.max_channels, names)
-    return net, [tuple(r) for r in rows]
+    return net, rows
 
 
 def _inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, tuple]:

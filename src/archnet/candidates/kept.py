@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import nn
 
 from archnet.blocks import BlockSpec
@@ -36,15 +35,6 @@ def legalized_teacher(spec: BlockSpec, teacher: nn.Module | None) -> nn.Module |
         return None
     if any(isinstance(m, nn.Conv2d) and max(m.kernel_size) > 3 for m in teacher.modules()):
         return None  # 5x5 / 7x7 kernels become fitted 3x3 stacks: costly, and not the teacher
-    from archnet.glue import legalize_glue, legalize_layers
-    from archnet.opconvert import convert_modules
+    from archnet.plan import restrict
 
-    block = copy.deepcopy(teacher).eval()
-    ref = next(iter(block.parameters()), None)
-    example = torch.randn(2, *spec.in_shape, generator=torch.Generator().manual_seed(0))
-    if ref is not None:
-        example = example.to(ref.device, ref.dtype)
-    legalize_layers(block, (), example)
-    convert_modules(block)
-    block, _ = legalize_glue(block, (), example)
-    return block
+    return restrict(copy.deepcopy(teacher).eval(), [], (1, *spec.in_shape))[0]
